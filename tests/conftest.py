@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models are built here, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster on CPU, shared by the tests that need one."""
+    from rollout.cluster import init_ray, shutdown_ray
+
+    init_ray(num_cpus=4)
+    yield
+    shutdown_ray()
