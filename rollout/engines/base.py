@@ -34,3 +34,12 @@ def register_engine(name: str):
         return cls
 
     return deco
+
+
+def encode_prompts(tokenizer, layout, captions: list[str]) -> list[list[int]]:
+    """Captions -> prompt token ids through the layout's template (which carries its own special tokens).
+
+    ``add_special_tokens=False`` so no tokenizer adds a BOS/EOS around the template.
+    """
+    texts = [layout.format_prompt(c) for c in captions]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -1,0 +1,254 @@
+"""The built-in PyTorch rollout engine: batched, KV-cached, fixed-length visual-token sampling.
+
+Per call (``B = P * n`` samples, ``N = layout.n_image_tokens``):
+
+1. Prefill once per distinct prompt (plus the one unconditional prompt when CFG is on), left-padded to a common
+   length with an attention mask and position ids that start at 0 on each row's first real token.
+2. Expand the KV cache to ``B`` conditional rows (+ ``B`` unconditional rows with CFG): the cond and uncond
+   branches advance in the same forward pass, ``[2B, 1]`` tokens per step.
+3. Each step computes the LM head only for the last position and only for the visual rows of the output
+   embedding (``hidden @ W[visual].T``: ``C`` instead of ``V`` outputs), then samples with
+   :mod:`rollout.sampling`. ``N`` tokens take ``N`` forward passes (the prefill yields the first).
+
+Sampling is seeded per sample (``seed + row``), so results do not depend on batch size or chunking.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models.layout import TokenLayout
+from rollout.engines.base import encode_prompts, register_engine
+from rollout.sampling import draw_uniforms, resolve_seed, sample_step
+from rollout.types import Rollout, SamplingParams
+
+
+def _unwrap(model):
+    """(HF causal LM, is_peft): the model whose decoder and output embedding we call (LoRA layers stay inside)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency; keep the engine usable without it anyway
+        PeftModel = ()
+    if PeftModel and isinstance(model, PeftModel):
+        return model.get_base_model(), True
+    return model, False
+
+
+@register_engine("torch")
+class TorchEngine:
+    """KV-cached sampler for a Hugging Face causal LM (or a peft ``PeftModel`` around one).
+
+    Args:
+        model: the policy; moved to ``device`` and put in eval mode.
+        layout: where the visual codebook sits in the vocabulary.
+        device: torch device.
+        tokenizer: text tokenizer; needed for CFG's unconditional/negative prompt unless ``uncond_prompt_ids``.
+        uncond_prompt_ids: token ids of the unconditional prompt (default: ``layout.uncond_prompt`` tokenized).
+        max_batch_rows: most samples per forward batch (CFG doubles the rows); larger calls run in chunks.
+        visual_head: compute only the visual rows of the LM head (off: full head, then slice; same numbers).
+        pad_token_id: id placed in left padding (masked out, any valid id works).
+    """
+
+    def __init__(
+        self,
+        model,
+        layout: TokenLayout,
+        device: str | torch.device = "cpu",
+        tokenizer=None,
+        uncond_prompt_ids: list[int] | None = None,
+        max_batch_rows: int | None = None,
+        visual_head: bool = True,
+        pad_token_id: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.layout = layout
+        self.tokenizer = tokenizer
+        self.max_batch_rows = max_batch_rows
+        self.visual_head = visual_head
+        self.weight_version = 0
+        hf, self.is_peft = _unwrap(self.model)
+        vocab = hf.get_output_embeddings().weight.shape[0]
+        if vocab < layout.visual_end:
+            raise ValueError(
+                f"model output vocabulary {vocab} is smaller than the layout's visual_end {layout.visual_end}"
+            )
+        self.vocab_size = vocab
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+        self._uncond_ids = list(uncond_prompt_ids) if uncond_prompt_ids is not None else None
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollout:
+        """P prompts (token ids) -> Rollout of ``P * sampling.n`` rows in prompt order (images=None).
+
+        completion_ids: int64 [P*n, N] visual LM ids; logprobs: float32 [P*n, N] sampler logprobs.
+        Row ``r`` uses seed ``sampling.seed + r``.
+        """
+        if sampling.jacobi:
+            raise NotImplementedError(
+                "Jacobi decoding is not implemented in the torch engine yet; use sampling.jacobi=False"
+            )
+        t0 = time.perf_counter()
+        prompts = self._check_prompts(prompt_ids)
+        n, N = sampling.n, self.layout.n_image_tokens
+        B = len(prompts) * n
+        uncond = self._uncond_prompt_ids(sampling) if sampling.use_cfg else None
+        uniforms = None if sampling.greedy else draw_uniforms(resolve_seed(sampling.seed), B, N, self.device)
+        chunk = self.max_batch_rows or B
+        codes, logps = [], []
+        for start in range(0, B, chunk):
+            rows = torch.arange(start, min(start + chunk, B))
+            c, lp = self._sample_rows(
+                prompts, rows // n, uncond, sampling, None if uniforms is None else uniforms[rows.to(self.device)]
+            )
+            codes.append(c)
+            logps.append(lp)
+        completion = torch.cat(codes).cpu() + self.layout.visual_offset
+        return Rollout(
+            prompt_ids=[list(prompts[r // n]) for r in range(B)],
+            completion_ids=completion,
+            logprobs=torch.cat(logps).float().cpu(),
+            images=None,
+            weight_version=self.weight_version,
+            timings={"generate": time.perf_counter() - t0},
+        )
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, adapter: bool = False) -> None:
+        """Load a full state dict, or LoRA adapter tensors (``adapter=True``, needs a PeftModel), then set the version.
+
+        Full weights may leave out tied parameters (e.g. a tied ``lm_head.weight``); any other missing or
+        unexpected key is an error naming the keys.
+        """
+        if adapter:
+            if not self.is_peft:
+                raise ValueError(
+                    "adapter weights need an engine built around a peft PeftModel (models.policy.apply_lora); "
+                    "send merged full weights to a plain model instead"
+                )
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, state_dict)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise ValueError(f"adapter weights have keys the model lacks: {unexpected[:5]}")
+        else:
+            target = self.model
+            result = target.load_state_dict(state_dict, strict=False)
+            tied = self._tied_keys()
+            missing = [k for k in result.missing_keys if k not in tied]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"full weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                )
+        self.weight_version = int(version)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _tied_keys(self) -> set[str]:
+        """Parameter names that share storage with another parameter (may be absent from a state dict)."""
+        seen: dict[int, str] = {}
+        tied = set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.data_ptr() in seen:
+                tied.update({name, seen[p.data_ptr()]})
+            else:
+                seen[p.data_ptr()] = name
+        return tied
+
+    def _check_prompts(self, prompt_ids) -> list[list[int]]:
+        if not prompt_ids:
+            raise ValueError("no prompts given")
+        out = []
+        for i, ids in enumerate(prompt_ids):
+            ids = [int(t) for t in ids]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            out.append(ids)
+        return out
+
+    def _uncond_prompt_ids(self, sampling: SamplingParams) -> list[int]:
+        if sampling.negative_prompt is not None:
+            if self.tokenizer is None:
+                raise ValueError("a negative_prompt needs the engine's tokenizer (TorchEngine(tokenizer=...))")
+            return encode_prompts(self.tokenizer, self.layout, [sampling.negative_prompt])[0]
+        if self._uncond_ids is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "CFG needs the unconditional prompt: build TorchEngine with tokenizer= or uncond_prompt_ids="
+                )
+            self._uncond_ids = encode_prompts(self.tokenizer, self.layout, [self.layout.uncond_caption])[0]
+        return self._uncond_ids
+
+    def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
+        """One forward step -> logits of the last position over the visual codes only, [R, C]."""
+        hf, _ = _unwrap(self.model)
+        if not self.visual_head:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1, self.layout.visual_slice]
+        h = hf.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+        head = hf.get_output_embeddings()
+        vs = self.layout.visual_slice
+        bias = head.bias[vs] if getattr(head, "bias", None) is not None else None
+        logits = F.linear(h, head.weight[vs], bias)  # a row slice of W is a view: no copy of the head
+        cap = getattr(hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _sample_rows(self, prompts, row_prompt, uncond, sampling, uniforms):
+        """Sample the rows whose prompt indices are ``row_prompt`` [b] -> (codes [b, N], logprobs [b, N])."""
+        from transformers import DynamicCache
+
+        hf, _ = _unwrap(self.model)
+        dev, N = self.device, self.layout.n_image_tokens
+        b = row_prompt.numel()
+        distinct = torch.unique(row_prompt)
+        seqs = [prompts[int(p)] for p in distinct] + ([uncond] if uncond is not None else [])
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, L - len(s) :] = torch.tensor(s)
+            mask[i, L - len(s) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+
+        cache = DynamicCache(config=hf.config)
+        logits = self._forward(ids, mask, pos, cache)
+        # prefill rows -> sample rows: cond rows first, then (with CFG) as many rows of the one uncond prefill
+        select = torch.searchsorted(distinct, row_prompt)
+        if uncond is not None:
+            select = torch.cat([select, torch.full((b,), len(seqs) - 1, dtype=torch.long)])
+        select = select.to(dev)
+        cache.batch_select_indices(select)
+        logits, mask, last_pos = logits[select], mask[select], pos[select, -1]
+        full_mask = torch.cat([mask, mask.new_ones(len(select), N)], dim=1)
+
+        codes = torch.empty(b, N, dtype=torch.long, device=dev)
+        logps = torch.empty(b, N, dtype=torch.float32, device=dev)
+        for t in range(N):
+            cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
+            c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, t])
+            codes[:, t], logps[:, t] = c, lp
+            if t == N - 1:
+                break
+            tok = c + self.layout.visual_offset
+            if uncond is not None:
+                tok = torch.cat([tok, tok])  # the uncond branch continues with the same image tokens
+            logits = self._forward(
+                tok[:, None], full_mask[:, : L + t + 1], (last_pos + t + 1)[:, None], cache
+            )
+        return codes, logps
