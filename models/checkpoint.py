@@ -95,7 +95,7 @@ def recover(final_path: str | Path) -> None:
                 pid = int(rest[len(tag):].split("-", 1)[0])
             except ValueError:
                 continue
-            if _pid_alive(pid) and pid != os.getpid():
+            if _pid_alive(pid):  # a writer still at work (or this process): not ours to touch
                 continue
             if tag == _OLD_TAG and not final.exists():
                 os.replace(p, final)

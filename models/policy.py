@@ -357,12 +357,13 @@ def read_policy_meta(path: str | Path) -> dict | None:
     return meta
 
 
-def _check_expected(path: Path, saved: TokenLayout, expected: TokenLayout | str | None, n_tokenizer: int):
+def _check_expected(path: Path, saved: TokenLayout, expected: TokenLayout | str | None, n_tokenizer: int,
+                    layout_kwargs: dict):
     if expected is None:
         return
     if isinstance(expected, str):
         if expected == "simplear":
-            expected = layout_preset("simplear", text_vocab_size=n_tokenizer)
+            expected = layout_preset("simplear", text_vocab_size=n_tokenizer, **layout_kwargs)
         elif expected != saved.name:
             raise ValueError(f"checkpoint {path}: layout mismatch on 'name': expected {expected!r}, "
                              f"found {saved.name!r}")
@@ -383,12 +384,12 @@ def _load_config(path: Path):
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
-def _simplear_layout(path: Path, tokenizer, config) -> TokenLayout:
+def _simplear_layout(path: Path, tokenizer, config, layout_kwargs: dict) -> TokenLayout:
     vocab = tokenizer.get_vocab()
     missing = [t for t in SIMPLEAR_SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"checkpoint {path}: tokenizer lacks SimpleAR special tokens {missing}")
-    layout = layout_preset("simplear", text_vocab_size=len(tokenizer))
+    layout = layout_preset("simplear", text_vocab_size=len(tokenizer), **layout_kwargs)
     if config.vocab_size < layout.visual_end:
         raise ValueError(
             f"checkpoint {path}: model vocab_size {config.vocab_size} does not cover the SimpleAR visual ids "
@@ -404,6 +405,7 @@ def load_policy(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     trainable: bool = False,
+    layout_kwargs: dict | None = None,
 ) -> LoadedPolicy:
     """Load a checkpoint written by ``save_policy`` (full or LoRA), or a released SimpleAR directory.
 
@@ -414,6 +416,8 @@ def load_policy(
             ``TokenLayout`` is used as given.
         dtype: weights dtype (``None`` keeps the checkpoint's own).
         trainable: LoRA only; load the adapters trainable (to resume training) instead of frozen.
+        layout_kwargs: options of the ``"simplear"`` preset, e.g. ``{"grid": (32, 32), "image_size": (512, 512)}``
+            for a 512 px SimpleAR model (the preset defaults to 1024 px, a 64x64 grid).
     """
     path = Path(path).absolute()
     if not path.is_dir():
@@ -429,7 +433,7 @@ def load_policy(
             saved = TokenLayout.from_dict(meta["layout"])
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{path / ARGRPO_FILE}: bad 'layout': {e}") from e
-        _check_expected(path, saved, layout, len(tokenizer))
+        _check_expected(path, saved, layout, len(tokenizer), layout_kwargs or {})
         resolved_layout = saved
     else:
         if layout is None:
@@ -444,7 +448,7 @@ def load_policy(
                                  f"derived from the tokenizer)")
             if config is None:
                 raise ValueError(f"{path}: a LoRA checkpoint without {ARGRPO_FILE} is not supported")
-            resolved_layout = _simplear_layout(path, tokenizer, config)
+            resolved_layout = _simplear_layout(path, tokenizer, config, layout_kwargs or {})
         else:
             resolved_layout = layout
             if config is not None and config.vocab_size < layout.visual_end:
@@ -533,6 +537,9 @@ class PolicyConfig:
                                                                     "new model from arch/size."})
     layout: str | None = field(default=None, metadata={"help": "Expected layout preset ('shapes', 'simplear'); "
                                                                 "None accepts the checkpoint's own."})
+    layout_options: dict = field(default_factory=dict, metadata={"help": "Options of the 'simplear' layout "
+                                                                          "preset, e.g. {grid: [32, 32], "
+                                                                          "image_size: [512, 512]}."})
     arch: Literal["qwen2", "llama"] = field(default="qwen2", metadata={"help": "Architecture of a new model."})
     size: str = field(default="shapes", metadata={"help": f"Size preset of a new model: {sorted(SIZE_PRESETS)}."})
     tie_word_embeddings: bool | None = field(default=None, metadata={"help": "Tie lm_head to the input "
@@ -550,26 +557,30 @@ class PolicyConfig:
 def policy_from_config(cfg: PolicyConfig, layout: TokenLayout | None = None, device: str = "cpu"):
     """Build or load the model ``cfg`` describes and apply LoRA when enabled.
 
-    Returns ``(model, loaded)`` where ``loaded`` is the ``LoadedPolicy`` when a checkpoint was read, else None.
-    A new model needs ``layout`` (the caller builds it from its text and image tokenizers).
+    A LoRA checkpoint with ``lora.enabled`` resumes its adapters (trainable); with LoRA disabled its adapters are
+    merged into the base for full fine-tuning. Returns ``(model, loaded)`` where ``loaded`` is the
+    ``LoadedPolicy`` when a checkpoint was read, else None. A new model needs ``layout`` (the caller builds it
+    from its text and image tokenizers).
     """
     loaded = None
     if cfg.checkpoint is not None:
         # a LoRA checkpoint with LoRA enabled resumes its adapters, so they must load trainable
         resume_adapters = cfg.lora.enabled and (Path(cfg.checkpoint) / "adapter_config.json").is_file()
         loaded = load_policy(cfg.checkpoint, layout=layout or cfg.layout, device=device, dtype=cfg.dtype,
-                             trainable=resume_adapters)
+                             trainable=resume_adapters, layout_kwargs=cfg.layout_options)
         model = loaded.model
         if resume_adapters:
             return model, loaded
+        if is_peft_model(model):
+            # full fine-tuning of a LoRA checkpoint trains the merged weights
+            model = model.merge_and_unload()
+            model.requires_grad_(True)
     else:
         if layout is None:
             raise ValueError("policy_from_config: a new model needs the layout")
         model = build_policy(layout, size=cfg.size, arch=cfg.arch, seed=cfg.seed,
                              tie_word_embeddings=cfg.tie_word_embeddings, dtype=cfg.dtype).to(device)
     if cfg.lora.enabled:
-        if is_peft_model(model):
-            raise ValueError(f"{cfg.checkpoint}: a LoRA checkpoint; train it with lora enabled to resume")
         model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules)
     return model, loaded

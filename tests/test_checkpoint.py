@@ -51,6 +51,18 @@ def test_failure_keeps_previous_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_replace_without_exchange_support(tmp_path, monkeypatch):
+    """Filesystems without renameat2(RENAME_EXCHANGE): the old dir is moved aside, then removed."""
+    import models.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    target = tmp_path / "ckpt"
+    for v in ("v1", "v2"):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text(v)
+    assert (target / "a.txt").read_text() == "v2" and _leftovers(tmp_path, "ckpt") == []
+
+
 def test_killed_writer_leaves_previous_loadable(tmp_path):
     """kill -9 in the middle of a write: the old checkpoint stays, the next writer cleans up the temp dir."""
     target = tmp_path / "ckpt"

@@ -105,7 +105,10 @@ def test_conventions():
 
 
 def test_encode_decode_round_trip(cosmos_dir):
+    from models.image_tokenizers.base import ImageTokenizer
+
     tok = CosmosTokenizer(cosmos_dir, image_size=(64, 96))
+    assert isinstance(tok, ImageTokenizer)
     assert tok.codebook_size == 64000 and tok.grid == (4, 6) and tok.image_size == (64, 96)
     assert tok._encoder is None and tok._decoder is None  # loaded lazily
     images, levels = _patch_images()

@@ -248,6 +248,15 @@ def test_simplear_layout_directory(tmp_path):
     assert again.layout == lay and torch.equal(_logits(again.model, ids), logits)
 
 
+def test_simplear_512_options(tmp_path):
+    d, tok, _ = _simplear_dir(tmp_path)
+    lay = load_policy(d, layout="simplear", layout_kwargs={"grid": (32, 32), "image_size": (512, 512)}).layout
+    assert lay.n_image_tokens == 1024 and lay.visual_offset == len(tok)
+    out = save_policy(tmp_path / "s512", load_policy(d, layout=lay).model, tok, lay)
+    with pytest.raises(ValueError, match="grid"):
+        load_policy(out, layout="simplear")  # the 1024 px preset expects a 64x64 grid
+
+
 def test_simplear_too_small_vocab_is_clear(tmp_path):
     d, _, _ = _simplear_dir(tmp_path, extra_rows=0, codebook=1000)
     with pytest.raises(ValueError, match="does not cover the SimpleAR visual ids"):
@@ -274,3 +283,17 @@ def test_policy_config_and_factory(tmp_path, tok, layout):
     full = PolicyConfig(checkpoint=str(base_dir), layout="shapes")
     model, loaded = policy_from_config(full)
     assert loaded.layout == layout and not hasattr(model, "peft_config")
+    # a LoRA checkpoint: resumed as adapters with LoRA on, merged into full weights with LoRA off
+    lora = apply_lora(load_policy(base_dir).model, r=2)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    ids = _ids(layout, tok)
+    ref = _logits(lora, ids)
+    lora_dir = save_policy(tmp_path / "lora", lora, tok, layout)
+    resumed, _ = policy_from_config(PolicyConfig(checkpoint=str(lora_dir), lora=cfg.lora))
+    assert hasattr(resumed, "peft_config") and any(p.requires_grad for p in resumed.parameters())
+    merged, _ = policy_from_config(PolicyConfig(checkpoint=str(lora_dir)))
+    assert not hasattr(merged, "peft_config") and all(p.requires_grad for p in merged.parameters())
+    assert torch.allclose(_logits(merged, ids), ref, atol=1e-5)
