@@ -1,0 +1,140 @@
+"""A rollout worker: one engine plus the image tokenizer's decoder, turning captions into decoded images.
+
+The same class runs in-process (``LocalRolloutPool``) or as a Ray actor (``RolloutPool`` wraps it with
+``ray.remote``). A worker must be rebuildable from its constructor arguments alone (Ray re-runs the constructor
+after a crash), so it takes either a checkpoint directory or a picklable :class:`PolicyComponents` (or a
+zero-argument callable returning one); weights loaded later are the pool's job to re-send.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.layout import TokenLayout
+from rollout.engines import encode_prompts, get_engine
+from rollout.types import Rollout, SamplingParams
+
+
+@dataclass
+class PolicyComponents:
+    """What a worker needs, given as objects (tests, notebooks) instead of a checkpoint directory.
+
+    model: HF causal LM or PeftModel; layout: its TokenLayout; tokenizer: text tokenizer (needed for string
+    prompts and CFG); image_tokenizer: has ``decode(codes [B, h, w]) -> uint8 [B, H, W, 3]`` (None: no images);
+    uncond_prompt_ids: the unconditional prompt's ids when there is no tokenizer.
+    """
+
+    model: Any
+    layout: TokenLayout
+    tokenizer: Any = None
+    image_tokenizer: Any = None
+    uncond_prompt_ids: list[int] | None = None
+
+
+def load_components(checkpoint: str | Path, device: str = "cpu", dtype: str | None = None) -> PolicyComponents:
+    """A policy checkpoint directory (``models.policy.save_policy``) -> PolicyComponents with its image tokenizer."""
+    from models.image_tokenizers import load_image_tokenizer
+    from models.policy import load_policy
+
+    loaded = load_policy(checkpoint, device=device, dtype=dtype)
+    image_tokenizer = None
+    if loaded.image_tokenizer_path is not None:
+        image_tokenizer = load_image_tokenizer(loaded.image_tokenizer_path)
+    return PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, image_tokenizer)
+
+
+class RolloutWorker:
+    """Holds an engine and a decoder.
+
+    Args:
+        policy: checkpoint directory, PolicyComponents, or a zero-argument callable returning PolicyComponents.
+        engine: name in the ENGINES registry ("torch", "vllm").
+        device: where the engine runs.
+        engine_kwargs: extra engine constructor arguments (e.g. ``max_batch_rows``).
+        num_threads: torch intra-op threads (None: leave the process's setting alone; the Ray pool passes its
+            ``num_cpus_per_worker``).
+        dtype: weights dtype when loading a checkpoint (None keeps the checkpoint's).
+    """
+
+    def __init__(
+        self,
+        policy: str | Path | PolicyComponents | Callable[[], PolicyComponents],
+        engine: str = "torch",
+        device: str = "cpu",
+        engine_kwargs: dict | None = None,
+        num_threads: int | None = None,
+        dtype: str | None = None,
+    ):
+        if num_threads is not None:
+            from models.runtime import set_threads
+
+            set_threads(num_threads)
+        if isinstance(policy, (str, Path)):
+            comps = load_components(policy, device=device, dtype=dtype)
+        elif isinstance(policy, PolicyComponents):
+            comps = policy
+        elif callable(policy):
+            comps = policy()
+        else:
+            raise TypeError(f"policy must be a checkpoint path, PolicyComponents or a callable, got {type(policy)}")
+        self.layout = comps.layout
+        self.tokenizer = comps.tokenizer
+        self.image_tokenizer = comps.image_tokenizer
+        engine_cls = get_engine(engine)
+        kwargs = dict(engine_kwargs or {})
+        if comps.uncond_prompt_ids is not None:
+            kwargs.setdefault("uncond_prompt_ids", comps.uncond_prompt_ids)
+        self.engine = engine_cls(comps.model, comps.layout, device=device, tokenizer=comps.tokenizer, **kwargs)
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingParams, decode: bool = True) -> Rollout:
+        """P captions (or prompt token ids) -> Rollout of ``P * sampling.n`` rows with images uint8 [B, H, W, 3].
+
+        timings: 'generate' (sampling) and 'decode' (codes -> pixels) seconds.
+        """
+        prompt_ids = self._encode(prompts)
+        out = self.engine.generate(prompt_ids, sampling)
+        t0 = time.perf_counter()
+        if decode and self.image_tokenizer is not None:
+            out.images = self.decode(out.completion_ids)
+        out.timings["decode"] = time.perf_counter() - t0
+        return out
+
+    def decode(self, completion_ids: torch.Tensor) -> np.ndarray:
+        """Visual LM ids int64 [B, N] -> uint8 [B, H, W, 3]."""
+        codes = self.layout.ids_to_codes(completion_ids)
+        with torch.inference_mode():
+            images = self.image_tokenizer.decode(codes)
+        images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"image tokenizer decode returned {images.dtype} {images.shape}, expected uint8 [B,H,W,3]")
+        return images
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, adapter: bool = False) -> int:
+        """Full state dict or LoRA adapter tensors; returns the new weight version."""
+        self.engine.load_weights(state_dict, version, adapter=adapter)
+        return self.engine.weight_version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _encode(self, prompts) -> list[list[int]]:
+        if not prompts:
+            raise ValueError("no prompts given")
+        if all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a text tokenizer; pass token ids or a tokenizer")
+            return encode_prompts(self.tokenizer, self.layout, list(prompts))
+        if any(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be all captions (str) or all token-id lists")
+        return [list(p) for p in prompts]
