@@ -1,0 +1,155 @@
+"""``argrpo sample``: images for a prompt file, written in GenEval's output layout.
+
+    argrpo sample --checkpoint runs/shapes/grpo/final --prompts prompts.jsonl --n 4 --cfg 3 --out samples/
+
+    <out>/00000/metadata.jsonl      the prompt's row (GenEval jsonl) or {"prompt": ...} for a plain text file
+    <out>/00000/samples/00000.png   ... one PNG per sample
+    <out>/00000/grid.png            the prompt's samples side by side
+
+Sample k of prompt i uses seed ``seed + i * n + k``, so a rerun (or ``--skip-existing`` after an interruption)
+reproduces the same images. Each prompt folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from recipes.commands import command
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="policy checkpoint directory (save_policy / SimpleAR)")
+    p.add_argument("--prompts", required=True, help="GenEval jsonl (objects with 'prompt') or a text file, one a line")
+    p.add_argument("--out", required=True, help="output directory (GenEval layout)")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--engine", default="torch", help="rollout engine ('torch', 'vllm')")
+    p.add_argument("--workers", type=int, default=0, help="Ray rollout workers (0 = in-process)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--layout", default=None, help="layout preset for checkpoints without argrpo.json ('simplear')")
+    p.add_argument("--image-tokenizer", default=None, help="image tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--skip-existing", action="store_true", help="keep prompt folders that are already complete")
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """A GenEval jsonl (each row an object with a string 'prompt'; rows are kept whole as metadata) or a plain text
+    file (one prompt a line). Blank lines are skipped; errors name the file and 1-based row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    if path.suffix != ".jsonl" and not lines[0][1].startswith("{"):
+        return [{"prompt": text} for _, text in lines]
+    rows = []
+    for n, text in lines:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: row {n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}: row {n}: expected an object with a string 'prompt'")
+        rows.append(row)
+    return rows
+
+
+def image_grid(images, cols: int | None = None):
+    """uint8 [n, H, W, 3] -> one uint8 image, ``cols`` per row (default: ceil(sqrt(n))), 2 px white gaps."""
+    import math
+
+    import numpy as np
+
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    gap = 2
+    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = images[k]
+    return grid
+
+
+def _complete(folder: Path, n: int) -> bool:
+    return (folder / "metadata.jsonl").is_file() and all(
+        (folder / "samples" / f"{k:05d}.png").is_file() for k in range(n)
+    )
+
+
+def _write_prompt_folder(folder: Path, row: dict, images) -> None:
+    from PIL import Image
+
+    from models.checkpoint import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        (tmp / "samples").mkdir()
+        (tmp / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+        for k, img in enumerate(images):
+            Image.fromarray(img).save(tmp / "samples" / f"{k:05d}.png")
+        Image.fromarray(image_grid(images)).save(tmp / "grid.png")
+
+
+@command("sample", help="sample images for a prompt file into GenEval's output layout", configure=configure)
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.image_tokenizers import load_image_tokenizer
+    from models.policy import load_policy
+    from models.runtime import resolve_device, set_threads
+    from rollout.pool import RolloutConfig, build_rollout_pool
+    from rollout.types import SamplingParams
+    from rollout.worker import PolicyComponents
+
+    if args.n < 1 or args.batch_prompts < 1:
+        raise SystemExit("argrpo sample: --n and --batch-prompts must be >= 1")
+    rows = read_prompt_file(args.prompts)[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(rows)) if not (args.skip_existing and _complete(out / f"{i:05d}", args.n))]
+    if not todo:
+        print(f"argrpo sample: all {len(rows)} prompts already in {out}")
+        return 0
+
+    set_threads()
+    device = str(resolve_device(args.device))
+    if args.workers > 0:
+        policy = str(args.checkpoint)  # each Ray worker loads the checkpoint itself
+        if args.image_tokenizer or args.layout:
+            raise SystemExit("argrpo sample: --image-tokenizer / --layout need --workers 0")
+    else:
+        loaded = load_policy(args.checkpoint, layout=args.layout, device=device)
+        tok_path = args.image_tokenizer or loaded.image_tokenizer_path
+        if tok_path is None:
+            raise SystemExit(f"argrpo sample: {args.checkpoint} names no image tokenizer; pass --image-tokenizer DIR")
+        policy = PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, load_image_tokenizer(tok_path))
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
+    config = RolloutConfig(engine=args.engine, num_workers=args.workers, device=device, sampling=sampling)
+
+    with build_rollout_pool(policy, config) as pool, tqdm(total=len(todo), desc="sample", unit="prompt") as bar:
+        for s in range(0, len(todo), args.batch_prompts):
+            batch = todo[s : s + args.batch_prompts]
+            # consecutive prompt indices share one call; a gap (skipped folders) starts a new one
+            runs, start = [], 0
+            for j in range(1, len(batch) + 1):
+                if j == len(batch) or batch[j] != batch[j - 1] + 1:
+                    runs.append(batch[start:j])
+                    start = j
+            for idx in runs:
+                res = pool.generate([rows[i]["prompt"] for i in idx], args.n,
+                                    sampling.with_(seed=args.seed + idx[0] * args.n))
+                if res.images is None:
+                    raise SystemExit("argrpo sample: the rollout workers returned no images (no image tokenizer)")
+                for j, i in enumerate(idx):
+                    _write_prompt_folder(out / f"{i:05d}", rows[i], res.images[j * args.n : (j + 1) * args.n])
+                bar.update(len(idx))
+    print(f"argrpo sample: {len(todo)} prompts x {args.n} images -> {out}")
+    return 0
