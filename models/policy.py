@@ -14,6 +14,11 @@ Hugging Face directory plus ``argrpo.json``:
 
 A released SimpleAR checkpoint (Qwen2 + 7 special tokens + 64,000 visual rows, no argrpo.json) loads with
 ``load_policy(path, layout="simplear")``.
+
+Tokenizer caveat: inside a Qwen2 directory ``AutoTokenizer`` (transformers 5, and so vLLM's own tokenizer)
+rebuilds a byte-level BPE ``Qwen2Tokenizer`` from the saved vocabulary, which mis-tokenizes the shapes world's
+word-level tokenizer. Load it with ``load_policy`` / ``models.text_tokenizer.load_text_tokenizer`` and hand
+engines token ids, never text.
 """
 
 from __future__ import annotations
@@ -292,7 +297,9 @@ def save_policy(
     vocab = base.get_input_embeddings().weight.shape[0]
     if vocab < layout.visual_end:
         raise ValueError(f"save_policy({path}): the model's vocabulary {vocab} < layout visual_end {layout.visual_end}")
-    if tokenizer is not None and len(tokenizer) != layout.text_vocab_size:
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise ValueError(f"save_policy({path}): a text tokenizer is required (it is saved beside the weights)")
+    if len(tokenizer) != layout.text_vocab_size:
         raise ValueError(
             f"save_policy({path}): len(tokenizer) = {len(tokenizer)} but layout.text_vocab_size = "
             f"{layout.text_vocab_size}"
@@ -321,8 +328,7 @@ def save_policy(
             model.save_pretrained(str(tmp), save_embedding_layers=False)
         else:
             model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
         if image_tokenizer is not None:
             meta["image_tokenizer"] = _store_image_tokenizer(image_tokenizer, tmp, copy_image_tokenizer)
         (tmp / ARGRPO_FILE).write_text(json.dumps(meta, indent=2))
