@@ -41,11 +41,9 @@ class ColorClassifier:
         import torch
 
         if cls not in self._classifiers:
-            cols = []
-            for color in self.colors:
-                emb = self.clip.text_features([t.format(color=color, cls=cls) for t in self.templates])  # [T, D]
-                cols.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
-            self._classifiers[cls] = torch.stack(cols, dim=1)
+            texts = [t.format(color=color, cls=cls) for color in self.colors for t in self.templates]
+            emb = self.clip.text_features(texts).view(len(self.colors), len(self.templates), -1)  # [C, T, D]
+            self._classifiers[cls] = torch.nn.functional.normalize(emb.mean(1), dim=-1).T.contiguous()
         return self._classifiers[cls]
 
     def crops(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
