@@ -421,8 +421,9 @@ class RunningStats:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-class CompositeReward(Reward):
-    """A weighted sum of rewards, each optionally normalised first.
+class RewardCombiner:
+    """The weighted sum of component outputs, each optionally normalised first (shared by the in-process
+    :class:`CompositeReward` and the Ray reward pool, so both give the same numbers).
 
     ``normalize``: ``"none"``; ``"batch"`` (z-score over this batch's applicable values); ``"running"`` (z-score with
     the running mean/std of all values seen so far, this batch included). A sample where a component returns None
@@ -431,41 +432,30 @@ class CompositeReward(Reward):
     so every component is logged.
     """
 
-    name = "composite"
-
-    def __init__(self, components: Sequence[RewardSpec | Mapping | str] | Mapping[str, Any],
-                 normalize: Normalize = "none", eps: float = 1e-6, name: str | None = None):
-        super().__init__(name)
+    def __init__(self, weights: Mapping[str, float], normalize: Normalize = "none", eps: float = 1e-6,
+                 name: str = "composite"):
         if normalize not in ("none", "batch", "running"):
             raise ValueError(f"composite normalize must be 'none', 'batch' or 'running', got {normalize!r}")
+        if not weights:
+            raise ValueError("composite: no component rewards")
+        self.weights = {k: float(w) for k, w in weights.items()}
         self.normalize = normalize
         self.eps = eps
-        self.rewards: dict[str, Reward] = {}
-        self.weights: dict[str, float] = {}
-        items = components.items() if isinstance(components, Mapping) else [(None, c) for c in components]
-        for key, comp in items:
-            reward, weight, key = _component(key, comp)
-            if key in self.rewards:
-                raise ValueError(f"composite: two components are named {key!r}; give one an alias")
-            self.rewards[key] = reward
-            self.weights[key] = weight
-        if not self.rewards:
-            raise ValueError("composite: no component rewards")
-        self.stats = {k: RunningStats() for k in self.rewards}
+        self.name = name
+        self.stats = {k: RunningStats() for k in self.weights}
 
-    def score(self, prompts, images, **metadata) -> RewardOutput:
-        outputs = {k: r(prompts, images, **metadata) for k, r in self.rewards.items()}
-        return self.combine(outputs)
-
-    def combine(self, outputs: Mapping[str, RewardOutput]) -> RewardOutput:
+    def combine(self, outputs: Mapping[str, Sequence[float | None]]) -> RewardOutput:
         """Component outputs ``{name: [B]}`` -> the weighted sum ``[B]`` with every component in the extras."""
-        missing = set(self.rewards) - set(outputs)
+        missing = set(self.weights) - set(outputs)
         if missing:
             raise RewardError(f"composite {self.name!r}: no output from {sorted(missing)}")
-        n = len(next(iter(outputs.values())))
+        sizes = {k: len(outputs[k]) for k in self.weights}
+        if len(set(sizes.values())) != 1:
+            raise RewardError(f"composite {self.name!r}: components scored different batch sizes {sizes}")
+        n = next(iter(sizes.values()))
         total: list[float | None] = [None] * n
         extras: dict[str, list[float | None]] = {}
-        for key in self.rewards:
+        for key, w in self.weights.items():
             out = outputs[key]
             raw = list(out)
             normed = self._normalise(key, raw)
@@ -474,7 +464,6 @@ class CompositeReward(Reward):
                 extras[f"{key}/norm"] = normed
             for sub, values in getattr(out, "extras", {}).items():
                 extras[f"{key}/{sub}"] = list(values)
-            w = self.weights[key]
             for i, v in enumerate(normed):
                 if v is not None:
                     total[i] = (total[i] or 0.0) + w * v
@@ -499,6 +488,46 @@ class CompositeReward(Reward):
             self.stats[k].load_state_dict(s)
 
 
+class CompositeReward(Reward):
+    """Several rewards scored in this process and combined by a :class:`RewardCombiner` (see there for
+    ``normalize`` and the extras). ``components``: RewardSpecs (or their dicts, or names), or
+    ``{name: reward | (reward, weight)}``.
+    """
+
+    name = "composite"
+
+    def __init__(self, components: Sequence[RewardSpec | Mapping | str] | Mapping[str, Any],
+                 normalize: Normalize = "none", eps: float = 1e-6, name: str | None = None):
+        super().__init__(name)
+        self.rewards: dict[str, Reward] = {}
+        weights: dict[str, float] = {}
+        items = components.items() if isinstance(components, Mapping) else [(None, c) for c in components]
+        for key, comp in items:
+            reward, weight, key = _component(key, comp)
+            if key in self.rewards:
+                raise ValueError(f"composite: two components are named {key!r}; give one an alias")
+            self.rewards[key] = reward
+            weights[key] = weight
+        self.combiner = RewardCombiner(weights, normalize, eps, self.name)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.combiner.weights
+
+    def score(self, prompts, images, **metadata) -> RewardOutput:
+        outputs = {k: r(prompts, images, **metadata) for k, r in self.rewards.items()}
+        return self.combiner.combine(outputs)
+
+    def combine(self, outputs: Mapping[str, Sequence[float | None]]) -> RewardOutput:
+        return self.combiner.combine(outputs)
+
+    def state_dict(self) -> dict:
+        return self.combiner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, float]]) -> None:
+        self.combiner.load_state_dict(state)
+
+
 def _component(key: str | None, comp: Any) -> tuple[Reward, float, str]:
     if isinstance(comp, Mapping):
         comp = RewardSpec(**comp)
@@ -518,13 +547,32 @@ def _component(key: str | None, comp: Any) -> tuple[Reward, float, str]:
 def build_rewards(specs: Sequence[RewardSpec | Mapping | str], normalize: Normalize = "none") -> Reward:
     """A config's reward list -> one reward (the component itself when there is one with weight 1 and no
     normalisation, else a :class:`CompositeReward`)."""
-    specs = [RewardSpec(**s) if isinstance(s, Mapping) else RewardSpec(name=s) if isinstance(s, str) else s
-             for s in specs]
+    specs = as_specs(specs)
     if len(specs) == 1 and specs[0].weight == 1.0 and normalize == "none":
         s = specs[0]
         return build_reward(s.name, name=s.key, **s.kwargs)
     return CompositeReward(specs, normalize=normalize)
 
 
-def spec_dict(spec: RewardSpec) -> dict:
-    return dataclasses.asdict(spec)
+def as_specs(specs: Sequence[RewardSpec | Mapping | str]) -> list[RewardSpec]:
+    """Reward config entries (RewardSpec, its dict, or a bare name) -> RewardSpecs with unique keys."""
+    if isinstance(specs, (str, Mapping, RewardSpec)):
+        specs = [specs]
+    out = []
+    for i, s in enumerate(specs):
+        if isinstance(s, str):
+            s = RewardSpec(name=s)
+        elif isinstance(s, Mapping):
+            try:
+                s = RewardSpec(**s)
+            except TypeError as e:
+                fields = [f.name for f in dataclasses.fields(RewardSpec)]
+                raise ValueError(f"reward entry {i}: {e}; valid keys: {fields}") from e
+        elif not isinstance(s, RewardSpec):
+            raise TypeError(f"reward entry {i}: expected a name, a dict or a RewardSpec, got {s!r}")
+        out.append(s)
+    keys = [s.key for s in out]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"rewards {dup} appear twice; give each an alias")
+    return out
