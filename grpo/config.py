@@ -1,0 +1,271 @@
+"""One GRPO run config: TRL's ``GRPOConfig`` knobs plus policy, rollout, rewards, data, logging and checkpoints.
+
+Sections (YAML keys; any key can be overridden with ``--set section.key=value``)::
+
+    output_dir, seed, threads, device
+    policy:      models.policy.PolicyConfig    checkpoint, layout, full or LoRA (policy.lora.*)
+    rollout:     rollout.pool.RolloutConfig    engine, num_workers, mode (sync | async), sampling (SamplingParams)
+    rewards:     list of RewardSpec            name or 'package.module:function', weight, kwargs, alias
+    data:        DataConfig                    prompt sets (GenEval-schema jsonl)
+    grpo:        GRPOSection                   TRL GRPOConfig fields (loss_type, beta, epsilon, ...), plus `trl`
+                                               for any other GRPOConfig field
+    correction:  CorrectionConfig              importance-sampling correction from the sampler logprobs
+    logging:     LoggingConfig                 TensorBoard / W&B, image grids, metrics.jsonl
+    checkpoint:  CheckpointConfig              every N steps, atomic, resumable
+    eval:        EvalConfig                    periodic held-out evaluation
+
+Batch sizes use TRL's names. One optimizer step consumes ``per_device_train_batch_size * steps_per_generation``
+completions (``steps_per_generation`` defaults to ``gradient_accumulation_steps``), i.e. that number divided by
+``num_generations`` prompts, each sampled ``num_generations`` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.policy import PolicyConfig
+from rewards.base import RewardSpec
+from rollout.pool import RolloutConfig
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+# GRPOConfig fields this toolkit sets itself (from other sections, or because another value breaks image rollouts).
+MANAGED_TRL_FIELDS = {
+    "output_dir": "the top-level output_dir",
+    "seed": "the top-level seed",
+    "num_generations": "grpo.num_generations",
+    "temperature": "rollout.sampling.temperature (the learner must score at the sampler's temperature)",
+    "top_k": "rollout.sampling.top_k", "top_p": "rollout.sampling.top_p",
+    "max_completion_length": "the layout's image token count",
+    "use_vllm": "rollout.engine (rollouts always come from the rollout pool)",
+    "vllm_importance_sampling_correction": "correction.mode", "vllm_importance_sampling_mode": "correction.level",
+    "vllm_importance_sampling_clip_max": "correction.cap", "vllm_importance_sampling_clip_min": "correction.floor",
+    "reward_weights": "rewards[].weight",
+    "report_to": "logging.report_to", "logging_steps": "logging (every step is logged)",
+    "save_strategy": "checkpoint.every", "save_steps": "checkpoint.every",
+    "mask_truncated_completions": "nothing: images have a fixed length, so every completion would be masked",
+    "shuffle_dataset": "data.shuffle", "remove_unused_columns": "nothing (the metadata column must reach rewards)",
+    "disable_tqdm": "logging.progress",
+}
+
+
+@dataclass
+class DataConfig:
+    """Prompt sets: GenEval-schema JSON lines, one object per line with at least a 'prompt' string."""
+
+    train_prompts: str | None = field(default=None, metadata={"help": "training prompts (.jsonl)"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for evaluation (.jsonl)"})
+    shuffle: bool = field(default=True, metadata={"help": "reshuffle the prompts every epoch (seeded)"})
+    max_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
+
+
+@dataclass
+class GRPOSection:
+    """TRL GRPOConfig fields (same names, same meaning; see TRL's docs). Any other GRPOConfig field goes in `trl`."""
+
+    loss_type: str = field(default="dapo", metadata={"help": f"TRL loss: {', '.join(LOSS_TYPES)}"})
+    beta: float = field(default=0.0, metadata={"help": "KL (k3) weight against the reference policy (0: no KL)"})
+    epsilon: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: epsilon)"})
+    delta: float | None = field(default=None, metadata={"help": "two-sided clipping bound (None: off)"})
+    num_generations: int = field(default=8, metadata={"help": "G: samples per prompt (a group)"})
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group", metadata={"help": "divide advantages by the group std, the batch std, or nothing"})
+    importance_sampling_level: Literal["token", "sequence"] = field(
+        default="token", metadata={"help": "policy ratio per token or per sequence (GSPO)"})
+    num_iterations: int = field(default=1, metadata={"help": "optimisation passes over each generation batch"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "completions per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "micro-batches per generation batch (default: gradient_accumulation_steps)"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "linear, cosine, constant, ..."})
+    warmup_steps: float = field(default=0.0, metadata={"help": "warm-up steps (a value < 1 is a ratio)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer name (transformers)"})
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = field(
+        default="sum_then_normalize", metadata={"help": "how several rewards are combined before advantages"})
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "train only on the top-q entropy tokens"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight"})
+    off_policy_mask_threshold: float | None = field(
+        default=None, metadata={"help": "drop negative-advantage sequences whose KL to the sampler exceeds this"})
+    use_bias_correction_kl: bool = field(default=False, metadata={"help": "importance-weight the KL term"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the learner"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    trl: dict = field(default_factory=dict, metadata={"help": "any other GRPOConfig field, passed through"})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type: unknown {self.loss_type!r}; TRL's losses: {list(LOSS_TYPES)}")
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (advantages are relative within a group of G "
+                             f"samples), got {self.num_generations}")
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations", "max_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
+        if self.steps_per_generation is not None and self.steps_per_generation < 1:
+            raise ValueError(f"grpo.steps_per_generation must be >= 1, got {self.steps_per_generation}")
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"grpo: the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
+                f"steps_per_generation {self.steps_per_generation or self.gradient_accumulation_steps} = "
+                f"{self.generation_batch_size} completions) must be divisible by num_generations "
+                f"{self.num_generations}, so every prompt gets its whole group")
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError("grpo.epsilon and grpo.epsilon_high must be > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"grpo.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"grpo.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        check_trl_passthrough(self.trl)
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Completions per generation on one process."""
+        return self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
+
+    @property
+    def prompts_per_generation(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+
+def check_trl_passthrough(extra: dict) -> None:
+    from trl import GRPOConfig
+
+    valid = {f.name for f in dataclasses.fields(GRPOConfig)}
+    own = {f.name for f in dataclasses.fields(GRPOSection)}
+    for key in extra:
+        if key in MANAGED_TRL_FIELDS:
+            raise ValueError(f"grpo.trl.{key}: set by argrpo from {MANAGED_TRL_FIELDS[key]}")
+        if key in own:
+            raise ValueError(f"grpo.trl.{key}: use grpo.{key}")
+        if key not in valid:
+            raise ValueError(f"grpo.trl.{key}: not a TRL GRPOConfig field")
+
+
+@dataclass
+class CorrectionConfig:
+    """Importance-sampling correction: a per-token weight ``min(exp(old_logp - sampler_logp), cap)`` on the loss.
+
+    The learner's ``old_logp`` comes from the weights it trains; the sampler logprob from the distribution the
+    sample was actually drawn from (CFG, top-k/top-p, one-step-stale weights in async mode, another engine's
+    numerics). TRL's own correction code does the work (its vLLM path); these are its settings.
+    """
+
+    mode: Literal["auto", "always", "never"] = field(
+        default="auto",
+        metadata={"help": "auto: applied when the sampler's distribution differs from the learner's (CFG, top-k/p, "
+                          "async, a non-torch engine); always; never"})
+    level: str = field(default="token_truncate", metadata={"help": f"TRL mode: {', '.join(IS_MODES)}"})
+    cap: float | None = field(default=2.0, metadata={"help": "upper bound (truncate) or mask threshold of the weight"})
+    floor: float | None = field(default=None, metadata={"help": "lower bound of the weight (None: none)"})
+
+    def __post_init__(self):
+        if self.level not in IS_MODES:
+            raise ValueError(f"correction.level: unknown {self.level!r}; known: {list(IS_MODES)}")
+        if self.cap is not None and self.cap <= 0:
+            raise ValueError(f"correction.cap must be > 0, got {self.cap}")
+        if self.cap is not None and self.floor is not None and self.floor >= self.cap:
+            raise ValueError(f"correction.floor {self.floor} must be below correction.cap {self.cap}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics and pictures go. metrics.jsonl (one line per step) is always written."""
+
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 metadata={"help": "tensorboard and/or wandb ([] for neither)"})
+    image_every: int = field(default=10, metadata={"help": "write an image grid every N steps (0: never)"})
+    image_prompts: int = field(default=4, metadata={"help": "prompts (rows) in an image grid"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    run_name: str | None = field(default=None, metadata={"help": "W&B run name"})
+
+    def __post_init__(self):
+        bad = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
+        if bad:
+            raise ValueError(f"logging.report_to: unknown {bad}; use 'tensorboard' and/or 'wandb'")
+        if self.image_every < 0 or self.image_prompts < 1:
+            raise ValueError("logging.image_every must be >= 0 and logging.image_prompts >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints under ``output_dir/checkpoints/step-N`` (policy in argrpo format + trainer state)."""
+
+    every: int = field(default=0, metadata={"help": "save every N steps (0: only at the end)"})
+    keep: int = field(default=2, metadata={"help": "keep the newest N step checkpoints (0: all)"})
+    save_final: bool = field(default=True, metadata={"help": "save the final policy to output_dir/final"})
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 0:
+            raise ValueError("checkpoint.every and checkpoint.keep must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with grpo.evaluate.evaluate() every N steps (and before the first step)."""
+
+    every: int = field(default=0, metadata={"help": "evaluate every N steps (0: never during training)"})
+    at_start: bool = field(default=True, metadata={"help": "also evaluate before the first step (when every > 0)"})
+    kwargs: dict = field(default_factory=dict, metadata={"help": "extra arguments for grpo.evaluate.evaluate()"})
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+
+
+@dataclass
+class GRPORunConfig:
+    """A GRPO run: `argrpo grpo CONFIG [--set key=value ...] [--resume]`."""
+
+    output_dir: str = field(default="runs/grpo", metadata={"help": "run directory (metrics, images, checkpoints)"})
+    seed: int = field(default=0, metadata={"help": "seeds the data order, sampling and TRL"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads of the learner (default: env/cores)"})
+    device: str = field(default="auto", metadata={"help": "learner device: auto, cpu, cuda"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "the policy"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollouts"})
+    rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and weights"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "prompt sets"})
+    grpo: GRPOSection = field(default_factory=GRPOSection, metadata={"help": "TRL GRPO settings"})
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig, metadata={"help": "IS correction"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "logging"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "periodic evaluation"})
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed (e.g. rewards: [{name: geneval_dense}])")
+        keys = [r.key for r in self.rewards]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"rewards: {dup} appear twice; give one an alias")
+        s = self.rollout.sampling
+        if s.temperature <= 0:
+            raise ValueError("rollout.sampling.temperature must be > 0 for GRPO (greedy samples of a group are "
+                             "identical, so every advantage would be 0)")
+        if s.n != 1:
+            raise ValueError("rollout.sampling.n: leave it at 1; samples per prompt is grpo.num_generations")
+        if s.jacobi:
+            raise ValueError("rollout.sampling.jacobi is not supported for training rollouts")
+        if self.policy.checkpoint is None:
+            raise ValueError("policy.checkpoint: GRPO starts from a trained policy; name its directory")
+        if self.eval.every and not (self.data.eval_prompts or self.eval.kwargs.get("prompts")):
+            raise ValueError("eval.every > 0 needs data.eval_prompts")
+
+    @property
+    def use_correction(self) -> bool:
+        """Whether the importance-sampling correction is applied (see CorrectionConfig.mode)."""
+        if self.correction.mode != "auto":
+            return self.correction.mode == "always"
+        s = self.rollout.sampling
+        return (self.rollout.mode == "async" or self.rollout.engine != "torch" or s.use_cfg or s.top_k > 0
+                or s.top_p < 1.0)

@@ -1,0 +1,139 @@
+"""TRL's ``rollout_func``: the prompts TRL hands over -> image completions from the rollout pool.
+
+TRL calls ``rollout_func(prompts, trainer)`` once per generation batch with this process's prompts, each already
+repeated ``num_generations`` times in a row; it wants one completion per entry. We send each distinct caption to
+the pool once with ``G = num_generations`` (the pool samples a whole group per prompt) and return:
+
+    prompt_ids [B] lists, completion_ids [B, N] lists (visual LM ids), logprobs [B, N] (the sampler's, used by the
+    importance-sampling correction), images [B] uint8 [H, W, 3] (merged by TRL into the reward functions' kwargs)
+
+Sync mode generates generation ``k`` when TRL asks for it. Async mode also submits generation ``k + 1`` right
+after handing ``k`` over, so the workers sample it while the learner trains on ``k``; when TRL then asks for
+``k + 1`` the samples are (mostly) ready and one optimizer step stale, which the importance correction accounts for.
+"""
+
+from __future__ import annotations
+
+import time
+
+from grpo.prompts import find_generation, generation_prompts
+from grpo.stats import StepStats
+from grpo.weight_sync import WeightSync
+from rollout.types import SamplingParams
+
+# Sample r of generation k uses seed base + k * SEED_STRIDE + r: generations never share a seed.
+SEED_STRIDE = 1 << 20
+
+
+def _captions(prompts) -> list[str]:
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
+            out.append(p["prompt"])
+        else:
+            raise TypeError(f"rollout: prompt {i} is {type(p).__name__}; expected a caption string")
+    return out
+
+
+class RolloutSource:
+    """Callable handed to ``GRPOTrainer(rollout_func=...)``.
+
+    Args:
+        pool: a RolloutPool / LocalRolloutPool (``generate``, ``generate_async``, ``load_weights``).
+        sync: pushes the learner's weights before each generation (version = optimizer step).
+        sampling: how images are sampled (``n`` and ``seed`` are set here).
+        num_generations: G.
+        stream_captions: the train dataset's caption column, in order (see grpo.prompts).
+        prompts_per_generation: P; generation k is rows [k*P, (k+1)*P) of the stream.
+        mode: "sync" or "async".
+        seed: base sampling seed.
+        stats: where timings go.
+    """
+
+    def __init__(self, pool, sync: WeightSync, sampling: SamplingParams, num_generations: int,
+                 stream_captions: list[str], prompts_per_generation: int, mode: str = "sync", seed: int = 0,
+                 stats: StepStats | None = None):
+        if mode not in ("sync", "async"):
+            raise ValueError(f"rollout mode must be 'sync' or 'async', got {mode!r}")
+        self.pool, self.sync, self.sampling = pool, sync, sampling
+        self.G, self.P = int(num_generations), int(prompts_per_generation)
+        self.captions = list(stream_captions)
+        self.mode, self.seed = mode, int(seed)
+        self.stats = stats or StepStats()
+        self._pending = None  # (k, captions, future)
+        self._next_k: int | None = None
+        self._calls = 0
+        self.generations: list[int | None] = []  # stream generation index served by each call (None: off-stream)
+        self.prefetch_hits = 0
+        self.prefetch_misses = 0
+
+    def _sampling(self, k: int) -> SamplingParams:
+        return self.sampling.with_(n=1, seed=self.seed * 7_919 + (k + 1) * SEED_STRIDE)
+
+    def __call__(self, prompts, trainer) -> dict:
+        flat = _captions(prompts)
+        G = self.G
+        if len(flat) % G:
+            raise ValueError(f"rollout: {len(flat)} prompts is not a multiple of num_generations {G}")
+        batch = flat[::G]
+        if [c for c in batch for _ in range(G)] != flat:
+            raise ValueError("rollout: TRL did not hand over each prompt's G copies in a row; the prompt grouping "
+                             "this rollout function relies on has changed")
+        k = find_generation(self.captions, batch, self.P, hint=self._next_k) if len(batch) == self.P else None
+        model = trainer.model
+        version = int(trainer.state.global_step)
+
+        sync_s = self.sync.take_seconds()
+        t0 = time.perf_counter()
+        pending, self._pending = self._pending, None
+        if pending is not None and k is not None and pending[0] == k and pending[1] == batch:
+            rollout = pending[2].result()  # sampled while the learner trained the previous step
+            self.prefetch_hits += 1
+        else:
+            if pending is not None:
+                pending[2].result()  # never leave a stale job running on the workers
+                self.prefetch_misses += 1
+            self.sync.ensure(model, version)
+            kk = k if k is not None else -1 - self._calls
+            rollout = self.pool.generate(batch, G, self._sampling(kk))
+        pushed = self.sync.take_seconds()
+        wait = time.perf_counter() - t0 - pushed  # the push is accounted as sync, not as waiting for samples
+        sync_s += pushed
+        self._calls += 1
+
+        if self.mode == "async" and k is not None:
+            nxt = generation_prompts(self.captions, k + 1, self.P)
+            if nxt is not None:
+                self.sync.ensure(model, version)
+                self._pending = (k + 1, nxt, self.pool.generate_async(nxt, G, self._sampling(k + 1)))
+        self._next_k = None if k is None else k + 1
+        self.generations.append(k)
+
+        if rollout.images is None:
+            raise ValueError("rollout: the workers returned no images (the policy checkpoint has no image "
+                             "tokenizer?); rewards score decoded images")
+        if len(rollout) != len(flat):
+            raise ValueError(f"rollout: the pool returned {len(rollout)} samples for {len(flat)} requested")
+        s = self.stats
+        s.add_time("rollout", wait)
+        s.add_time("sync", sync_s + self.sync.take_seconds())
+        s.add_time("rollout_generate", rollout.timings.get("generate", 0.0))
+        s.add_time("decode", rollout.timings.get("decode", 0.0))
+        s.set("rollout/staleness", version - rollout.weight_version)
+        s.set("rollout/weight_version", rollout.weight_version)
+        return {
+            "prompt_ids": [list(p) for p in rollout.prompt_ids],
+            "completion_ids": rollout.completion_ids.tolist(),
+            "logprobs": rollout.logprobs.float().tolist(),
+            "images": list(rollout.images),
+        }
+
+    def close(self) -> None:
+        """Wait for a prefetched job (so the pool can shut down cleanly)."""
+        if self._pending is not None:
+            try:
+                self._pending[2].result()
+            finally:
+                self._pending = None

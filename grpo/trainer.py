@@ -1,0 +1,335 @@
+"""The GRPO learner: TRL's ``GRPOTrainer`` fed by the rollout pool, scored by argrpo rewards.
+
+Everything GRPO-specific is TRL's: group advantages, the loss types (grpo, dr_grpo, dapo, bnpo, cispo, sapo, ...),
+clipping, the k3 KL against the reference (for LoRA: the same model with its adapter disabled, no copy), the
+importance-sampling correction code and the metrics. argrpo plugs in through TRL's public hooks:
+
+- ``rollout_func`` (grpo.rollouts.RolloutSource): samples come from ``rollout.RolloutPool`` (Ray workers running
+  the torch engine or vLLM), sync or one step ahead (async); images reach the rewards as a rollout column;
+- ``reward_funcs`` (grpo.reward_funcs): argrpo rewards, weighted by ``reward_weights``;
+- ``GRPOConfig``: built from the run config (grpo.config).
+
+Two small additions where TRL has no hook, both pinned by tests/test_grpo_trl_pin.py:
+
+1. The learner's log-probabilities are normalised over the visual slice at the sampler's temperature
+   (grpo.logprobs.install_visual_head replaces what ``fused_lm_head=True`` computes).
+2. The importance-sampling correction from the sampler's logprobs: TRL applies it only on its own vLLM path, keyed
+   on ``self.use_vllm``. ``ARGRPOTrainer`` turns that path's switches on after construction (no vLLM object is
+   built; TRL's ``sync_weights`` call goes to a no-op, argrpo syncs weights itself), so TRL computes
+   ``min(exp(old_logp - sampler_logp), cap)`` per token, multiplies it into the loss and logs its statistics
+   (``sampling/importance_sampling_ratio/*``, ``sampling/sampling_logp_difference/*``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from grpo.config import CorrectionConfig, GRPORunConfig
+from grpo.logprobs import install_visual_head
+from grpo.stats import StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class _NoVLLM:
+    """Stands where TRL keeps its vLLM backend; TRL calls ``sync_weights()`` before a rollout, argrpo syncs itself."""
+
+    def sync_weights(self):
+        return None
+
+
+def _hf_model(model):
+    """The Hugging Face causal LM under accelerate/peft wrappers (the module whose forward TRL patched)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ARGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` for visual-token policies.
+
+    Extra keyword arguments:
+        layout: the policy's TokenLayout (where the visual slice is).
+        correction: CorrectionConfig to apply the importance-sampling correction with, or None.
+        stats: StepStats the rollout function and rewards write into; merged into each training log line.
+    """
+
+    def __init__(self, *args, layout, correction: CorrectionConfig | None = None, stats: StepStats | None = None,
+                 **kwargs):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook
+        super().__init__(*args, **kwargs)
+        self.layout = layout
+        self.stats = stats if stats is not None else StepStats()
+        install_visual_head(_hf_model(self.model), layout, self.temperature)
+        if self.ref_model is not None:
+            install_visual_head(_hf_model(self.ref_model), layout, self.temperature)
+        self.sampler_correction = correction
+        if correction is not None:
+            self._enable_sampler_correction(correction)
+
+    def _enable_sampler_correction(self, c: CorrectionConfig) -> None:
+        # TRL's vLLM path reads exactly these attributes; with them set, _generate_and_score_completions computes
+        # old log-probs, the truncated (or masked) IS ratio against the rollout's logprobs and its metrics, and
+        # _compute_loss multiplies it in.
+        self.use_vllm = True
+        self.vllm_generation = _NoVLLM()
+        self._last_loaded_step = -1
+        self.vllm_importance_sampling_correction = True
+        self.vllm_importance_sampling_mode = c.level
+        self.vllm_importance_sampling_clip_max = c.cap
+        self.vllm_importance_sampling_clip_min = c.floor
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        self.stats.record_advantages(out["advantages"])
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            logs.update(self.stats.take())
+        super().log(logs, start_time)
+
+
+# ---- building a run from its config --------------------------------------------------------------------------------
+def trl_args(cfg: GRPORunConfig, n_image_tokens: int, device: torch.device) -> GRPOConfig:
+    """The TRL ``GRPOConfig`` of a run."""
+    g = cfg.grpo
+    own = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "trl"}
+    report = [r for r in cfg.logging.report_to if r == "wandb"]  # TensorBoard is wired by argrpo itself
+    c = cfg.correction
+    return GRPOConfig(
+        **own,
+        **dict(g.trl),
+        output_dir=str(Path(cfg.output_dir)),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        temperature=cfg.rollout.sampling.temperature,
+        max_completion_length=n_image_tokens,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=report or "none",
+        run_name=cfg.logging.run_name,
+        disable_tqdm=True,
+        shuffle_dataset=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
+        log_completions=False,
+        vllm_importance_sampling_mode=c.level,
+        vllm_importance_sampling_clip_max=c.cap,
+        vllm_importance_sampling_clip_min=c.floor,
+    )
+
+
+def generations_needed(cfg: GRPORunConfig) -> int:
+    g = cfg.grpo
+    micro_steps = g.max_steps * g.gradient_accumulation_steps
+    per_generation = (g.steps_per_generation or g.gradient_accumulation_steps) * g.num_iterations
+    return math.ceil(micro_steps / per_generation)
+
+
+@dataclasses.dataclass
+class GRPORun:
+    """A built run: the trainer and what it was built from (returned by :func:`build_run`)."""
+
+    cfg: GRPORunConfig
+    trainer: ARGRPOTrainer
+    pool: object
+    source: object
+    sync: object
+    stats: StepStats
+    layout: object
+    tokenizer: object
+    image_tokenizer_path: Path | None
+    base_model_path: str | None
+    callbacks: dict
+
+    def close(self) -> None:
+        try:
+            self.source.close()
+        finally:
+            shutdown = getattr(self.pool, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            tb = self.callbacks.get("tb_writer")
+            if tb is not None:
+                tb.close()
+
+
+def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
+    """Load the policy, start the rollout pool, build rewards, prompts and the trainer (nothing is trained yet).
+
+    eval_fn: optional ``fn(trainer, step) -> {name: value}``; default: grpo.evaluate when eval.every > 0.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    from data.prompts import read_prompts
+    from grpo import callbacks as cb
+    from grpo.prompts import prompt_stream
+    from grpo.reward_funcs import build_reward_funcs
+    from grpo.rollouts import RolloutSource
+    from grpo.weight_sync import WeightSync, WorkerPolicy
+    from models.policy import is_peft_model, policy_from_config
+    from models.runtime import resolve_device, set_threads
+    from rollout.pool import build_rollout_pool
+
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # policy: a fresh LoRA adapter goes to TRL as a peft_config, so TRL's reference is the adapter-disabled model
+    model, loaded = policy_from_config(cfg.policy, device=str(device))
+    peft_config, fresh_lora = None, False
+    if cfg.policy.lora.enabled and not (Path(cfg.policy.checkpoint) / "adapter_config.json").is_file():
+        peft_config = model.peft_config["default"]
+        model = model.unload()
+        fresh_lora = True
+    layout, tokenizer = loaded.layout, loaded.tokenizer
+    base_model_path = str(loaded.path) if fresh_lora else None
+    if is_peft_model(model):  # a LoRA checkpoint: its base is recorded in its argrpo.json
+        from models.policy import read_policy_meta
+
+        base_model_path = (read_policy_meta(loaded.path) or {}).get("base_model")
+
+    if not cfg.data.train_prompts:
+        raise ValueError("data.train_prompts: name the training prompt file (GenEval jsonl)")
+    specs = read_prompts(cfg.data.train_prompts)
+    if cfg.data.max_prompts:
+        specs = specs[: cfg.data.max_prompts]
+    P = cfg.grpo.prompts_per_generation
+    dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
+
+    stats = StepStats()
+    worker_policy = WorkerPolicy(str(loaded.path), lora=cfg.policy.lora if fresh_lora else None,
+                                 dtype=cfg.policy.dtype)
+    pool = build_rollout_pool(worker_policy, cfg.rollout)
+    sync = WeightSync(pool)
+    source = RolloutSource(pool, sync, cfg.rollout.sampling, cfg.grpo.num_generations, dataset["prompt"], P,
+                           mode=cfg.rollout.mode, seed=cfg.seed, stats=stats)
+    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats)
+    args = trl_args(cfg, layout.n_image_tokens, device)
+    args.reward_weights = weights
+
+    callbacks: dict = {"timer": cb.StepTimer(stats), "jsonl": cb.MetricsJsonl(out / "metrics.jsonl"),
+                       "progress": cb.ProgressBar(cfg.logging.progress)}
+    hf_callbacks = [callbacks["timer"]]
+    if "tensorboard" in cfg.logging.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks["tb_writer"] = SummaryWriter(str(out / "tensorboard"))
+        hf_callbacks.append(TensorBoardCallback(tb_writer=callbacks["tb_writer"]))
+    callbacks["images"] = cb.ImageGridLogger(
+        stats, out / "images", cfg.logging.image_every, cfg.grpo.num_generations,
+        {f.__name__: w for f, w in zip(reward_funcs, weights)}, cfg.logging.image_prompts,
+        tb_writer=callbacks.get("tb_writer"))
+    hf_callbacks += [callbacks["images"], callbacks["jsonl"], callbacks["progress"]]
+
+    trainer = ARGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        rollout_func=source,
+        callbacks=hf_callbacks,
+        layout=layout,
+        correction=cfg.correction if cfg.use_correction else None,
+        stats=stats,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+    run = GRPORun(cfg, trainer, pool, source, sync, stats, layout, tokenizer, loaded.image_tokenizer_path,
+                  base_model_path, callbacks)
+    if cfg.checkpoint.every:
+        from recipes.config import to_dict
+
+        callbacks["checkpoints"] = cb.Checkpointer(
+            trainer, out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, stats,
+            tokenizer=tokenizer, layout=layout, image_tokenizer_path=loaded.image_tokenizer_path,
+            base_model_path=base_model_path, run_state={"config": to_dict(cfg), "prompts_per_generation": P})
+        # checkpoints go before the log line of their step is written, after timing (its own time is logged)
+        trainer.callback_handler.callbacks.insert(
+            trainer.callback_handler.callbacks.index(callbacks["timer"]) + 1, callbacks["checkpoints"])
+    if cfg.rollout.mode == "sync":
+        callbacks["push"] = cb.WeightPusher(trainer, sync, stats)
+        # before the timer, so the push is inside the step's wall time and booked as sync
+        trainer.callback_handler.callbacks.insert(
+            trainer.callback_handler.callbacks.index(callbacks["timer"]), callbacks["push"])
+    if cfg.eval.every:
+        fn = eval_fn or _default_eval_fn(cfg, run)
+        callbacks["eval"] = cb.PeriodicEval(lambda step: fn(trainer, step), cfg.eval.every, stats,
+                                            at_start=cfg.eval.at_start)
+        trainer.callback_handler.callbacks.insert(
+            trainer.callback_handler.callbacks.index(callbacks["timer"]) + 1, callbacks["eval"])
+    return run
+
+
+def _default_eval_fn(cfg: GRPORunConfig, run: GRPORun):
+    from grpo import evaluate as ev
+
+    kwargs = dict(cfg.eval.kwargs)
+    kwargs.setdefault("prompts", cfg.data.eval_prompts)
+
+    def fn(trainer, step):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        try:
+            return ev.evaluate_model(model, run.layout, run.tokenizer, run.image_tokenizer_path, **kwargs)
+        finally:
+            if was_training:
+                model.train()
+
+    return fn
+
+
+def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
+    """Run GRPO as configured; returns a summary (final metrics, paths, time split).
+
+    resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (same step, data position,
+    optimizer, scheduler and RNG); without one, start from the beginning.
+    """
+    from grpo.checkpointing import latest_checkpoint, save_policy_files
+
+    run = build_run(cfg, eval_fn=eval_fn)
+    out = Path(cfg.output_dir)
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
+    t0 = time.perf_counter()
+    try:
+        run.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        final = None
+        if cfg.checkpoint.save_final:
+            model = run.trainer.accelerator.unwrap_model(run.trainer.model)
+            final = save_policy_files(out / "final", model, run.tokenizer, run.layout, run.image_tokenizer_path,
+                                      run.base_model_path, extra={"grpo_step": run.trainer.state.global_step})
+    finally:
+        run.close()
+    history = [h for h in run.trainer.state.log_history if "reward" in h]
+    return {
+        "output_dir": str(out),
+        "final": str(final) if final else None,
+        "steps": run.trainer.state.global_step,
+        "resumed_from": str(ckpt) if ckpt else None,
+        "seconds": time.perf_counter() - t0,
+        "time_totals": dict(run.stats.totals),
+        "last": history[-1] if history else {},
+        "eval": run.callbacks["eval"].history if "eval" in run.callbacks else [],
+        "prefetch": {"hits": run.source.prefetch_hits, "misses": run.source.prefetch_misses},
+    }

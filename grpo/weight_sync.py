@@ -1,0 +1,110 @@
+"""Learner -> rollout workers: versioned weight pushes, and the picklable recipe workers build their policy from.
+
+After every optimizer step the rollout engines must sample from the new weights. Full fine-tuning sends the whole
+state dict (``lm_head.weight`` included even when tied: vLLM keeps a separate copy); LoRA sends only the adapter
+tensors (``get_peft_model_state_dict``), which the workers load into their own LoRA-wrapped copy of the base.
+The version is the learner's optimizer step count, so a rollout's ``weight_version`` tells how stale it is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def _unwrap(model):
+    """A DDP/accelerate wrapper -> the module underneath (peft models are kept)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(_unwrap(model), PeftModel)
+
+
+def sync_state(model) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors to send, adapter?) for the learner ``model``.
+
+    Full: the base model's state dict ``{name: [..]}`` with every key the engine's model has (tied ones too).
+    LoRA: the trained adapter's tensors only (peft names without the adapter name), a few MB instead of GBs.
+    Tensors are detached CPU tensors; on CPU they share storage with the learner (receivers copy them).
+    """
+    model = _unwrap(model)
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, adapter_name="default")
+        adapter = True
+    else:
+        state = model.state_dict(keep_vars=False)
+        adapter = False
+    return {k: v.detach().to("cpu") for k, v in state.items()}, adapter
+
+
+class WeightSync:
+    """Pushes the learner's weights to a rollout pool when the pool's version is behind.
+
+    ``ensure(model, version)`` is idempotent: it sends only when ``version`` differs from the last one sent, so it
+    can be called before every rollout. ``seconds`` accumulates the time spent sending (for the step time split).
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.version: int | None = None  # unknown until the first push: the workers may hold older weights
+        self.seconds = 0.0
+        self.pushes = 0
+        self.bytes = 0
+
+    def push(self, model, version: int) -> None:
+        t0 = time.perf_counter()
+        state, adapter = sync_state(model)
+        self.pool.load_weights(state, int(version), adapter=adapter)
+        self.version = int(version)
+        self.pushes += 1
+        self.bytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.seconds += time.perf_counter() - t0
+
+    def ensure(self, model, version: int) -> bool:
+        """Push unless the pool already holds ``version``; returns whether weights were sent."""
+        if self.version == int(version):
+            return False
+        self.push(model, version)
+        return True
+
+    def take_seconds(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    """What a rollout worker builds its policy from; picklable, so Ray can rebuild a crashed worker from it.
+
+    checkpoint: the run's starting policy (its weights are replaced by the first push);
+    lora: the learner's ``LoraSettings`` when it trains a fresh adapter (the worker wraps its copy the same way,
+    so adapter tensors load by name), else None; dtype: weights dtype.
+    """
+
+    checkpoint: str
+    lora: object | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+
+    def __call__(self):
+        from rollout.worker import load_components
+
+        comps = load_components(self.checkpoint, device=self.device, dtype=self.dtype)
+        if self.lora is not None:
+            from models.policy import apply_lora
+
+            comps.model = apply_lora(comps.model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
+                                     target_modules=self.lora.target_modules)
+            comps.model.eval()
+        return comps
