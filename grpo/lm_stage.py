@@ -1,0 +1,501 @@
+"""Pretrain and SFT: causal-LM training on ``prompt + <soi> + codes`` with Hugging Face ``Trainer``.
+
+Each training row is ``layout.format_prompt(caption)`` tokenized, then the image's ``h*w`` codes as visual ids.
+Rows are left-padded, so the image tokens of every row occupy the last ``N = h*w`` positions and position
+``T-N-1+k`` predicts image token ``k``. The loss is cross-entropy on the image tokens only (optionally plus a
+weighted text loss on the prompt). Logits are computed only for the rows that need them:
+
+    hidden = decoder(input_ids)                         [B, T, H]   (no LM head, no full-vocabulary logits)
+    logits = hidden[:, -N-1:-1] @ lm_head.weight[visual_slice].T   [B, N, C]  (C = codebook size, not V)
+
+Caption dropout swaps a caption for ``layout.uncond_caption`` (the same empty caption CFG's unconditional branch
+uses); which rows are dropped depends only on (seed, epoch, row), so an interrupted run resumes identically.
+
+Gradient accumulation, bf16 autocast, LR schedules, checkpoints, resume, TensorBoard and the progress bar are
+Trainer's. Every ``checkpoint-N`` directory is also a policy checkpoint (``models.policy.save_policy``: HF weights,
+text tokenizer, argrpo.json with the layout and the image tokenizer reference), and at the end ``output_dir``
+itself becomes one, so ``load_policy(output_dir)`` loads the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.captions import CaptionSource
+from models.policy import ARGRPO_FILE, PolicyConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+@dataclass
+class TrainSettings:
+    """Optimisation and bookkeeping, passed on to ``transformers.TrainingArguments``."""
+
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "rows per forward pass"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Trainer scheduler name (cosine, linear, ...)"})
+    warmup_steps: float = field(default=0.05, metadata={"help": "warmup: steps (>= 1) or a fraction of max_steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPU and GPU)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, caption dropout and Trainer's RNGs"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep the newest N checkpoints"})
+    logging_steps: int = field(default=20, metadata={"help": "log loss/LR every N steps"})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers ([] = none)"}
+    )
+    resume: str = field(
+        default="auto",
+        metadata={"help": "'auto': continue from the newest complete checkpoint in output_dir if any; 'never'; "
+                          "or a checkpoint path"},
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch threads (None: OMP_NUM_THREADS or cores)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    trainer_args: dict = field(
+        default_factory=dict, metadata={"help": "extra TrainingArguments fields, passed as given"}
+    )
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class LMStageConfig:
+    """A causal-LM stage on image-caption data (shared by pretrain and SFT).
+
+    output_dir ends as a policy checkpoint; Trainer's ``checkpoint-N`` directories and TensorBoard logs live
+    inside it.
+    """
+
+    output_dir: str = field(default="runs/lm_stage", metadata={"help": "run directory; the final policy lands here"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "the model to train"})
+    image_tokenizer: str | None = field(
+        default=None, metadata={"help": "image tokenizer directory; None: the one policy.checkpoint references"}
+    )
+    text_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "text tokenizer directory for a new policy; None: a word-level tokenizer over the shapes "
+                          "world's vocabulary (shapes data) or the captions' words"},
+    )
+    layout: str = field(default="shapes", metadata={"help": "layout preset of a new policy"})
+    data: CaptionSource = field(default_factory=CaptionSource, metadata={"help": "image-caption data"})
+    cache_dir: str = field(default="runs/cache/codes", metadata={"help": "token cache directory (shared by runs)"})
+    encode_batch_size: int = field(default=256, metadata={"help": "images per image-tokenizer call when caching"})
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "fraction of rows trained with the empty (CFG unconditional) caption"}
+    )
+    text_loss_weight: float = field(
+        default=0.0, metadata={"help": "weight of the next-token loss on prompt text (0 = image tokens only)"}
+    )
+    copy_image_tokenizer: bool = field(
+        default=True, metadata={"help": "copy the image tokenizer into checkpoints (False: reference its path)"}
+    )
+    train: TrainSettings = field(default_factory=TrainSettings, metadata={"help": "optimisation"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.text_loss_weight < 0:
+            raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight}")
+        if self.policy.checkpoint is None and self.image_tokenizer is None:
+            raise ValueError("a new policy needs image_tokenizer (the directory `argrpo tokenizer train` wrote)")
+
+
+@dataclass
+class PretrainConfig(LMStageConfig):
+    """Pretraining: a new (or given) policy on broad image-caption data."""
+
+
+@dataclass
+class SFTConfig(LMStageConfig):
+    """Supervised fine-tuning: continues a pretrained policy (policy.checkpoint) on its own data and LR."""
+
+    def __post_init__(self):
+        if self.policy.checkpoint is None:
+            raise ValueError("SFT starts from a pretrained policy: set policy.checkpoint")
+        super().__post_init__()
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def encode_captions(tokenizer, layout, captions: list[str]) -> list[list[int]]:
+    """Captions -> prompt ids exactly as the rollout engines build them."""
+    from rollout.engines.base import encode_prompts
+
+    return encode_prompts(tokenizer, layout, captions)
+
+
+class CodesDataset(torch.utils.data.Dataset):
+    """Rows of (prompt ids, codes) from a token cache, with per-epoch caption dropout.
+
+    Item: ``{"prompt_ids": list[int], "codes": int64 [N]}``. Row ``i`` of epoch ``e`` is dropped (its prompt is the
+    unconditional one) iff ``rng(seed, e).random(R)[i] < p``: a pure function of (seed, epoch, row).
+    """
+
+    def __init__(self, cached, tokenizer, layout, caption_dropout: float = 0.0, seed: int = 0):
+        captions = cached["caption"]
+        uniq = sorted(set(captions))
+        ids = dict(zip(uniq, encode_captions(tokenizer, layout, uniq)))
+        self.prompt_ids = [ids[c] for c in captions]
+        self.uncond_ids = encode_captions(tokenizer, layout, [layout.uncond_caption])[0]
+        codes = cached.with_format("numpy", columns=["codes"])
+        # Small caches (the shapes world: 64 codes a row) are read into memory once; large ones stay in Arrow.
+        self.codes = codes["codes"] if len(codes) * len(codes[0]["codes"]) <= 64_000_000 else codes
+        self.p = float(caption_dropout)
+        self.seed = int(seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        rng = np.random.default_rng([self.seed, self.epoch, 17])
+        self.dropped = rng.random(len(self.prompt_ids)) < self.p
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        prompt = self.uncond_ids if self.dropped[i] else self.prompt_ids[i]
+        row = self.codes[int(i)]
+        row = row["codes"] if isinstance(row, dict) else row
+        return {"prompt_ids": prompt, "codes": torch.as_tensor(row, dtype=torch.long)}
+
+
+class CodesCollator:
+    """Left-pads prompts and appends the image ids.
+
+    Returns input_ids / attention_mask / position_ids int64 [B, L+N] (positions start at 0 on each row's first real
+    token, as in the rollout engines) and image_codes int64 [B, N].
+    """
+
+    def __init__(self, layout, pad_token_id: int):
+        self.layout = layout
+        self.pad = int(pad_token_id)
+
+    def __call__(self, items: list[dict]) -> dict:
+        B, N = len(items), self.layout.n_image_tokens
+        L = max(len(it["prompt_ids"]) for it in items)
+        input_ids = torch.full((B, L + N), self.pad, dtype=torch.long)
+        mask = torch.zeros((B, L + N), dtype=torch.long)
+        codes = torch.stack([it["codes"] for it in items])
+        if codes.shape[1] != N:
+            raise ValueError(f"cached codes have {codes.shape[1]} tokens but the layout expects {N}")
+        for i, it in enumerate(items):
+            p = it["prompt_ids"]
+            input_ids[i, L - len(p) : L] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, L - len(p) :] = 1
+        input_ids[:, L:] = codes + self.layout.visual_offset
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "image_codes": codes}
+
+
+# ---- loss ------------------------------------------------------------------------------------------------------
+def _hf_model(model):
+    """The PreTrainedModel under peft / accelerate wrappers (its submodules keep LoRA layers in place)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of the image codes (and optionally the prompt text) without full-vocabulary logits.
+
+    batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N].
+    Returns (loss, {"image_loss", "text_loss"} as floats).
+    """
+    hf = _hf_model(model)
+    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
+    head = hf.get_output_embeddings()
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state  # [B, T, H]
+    codes = batch["image_codes"]  # [B, N]
+    N = codes.shape[1]
+    w = head.weight[layout.visual_slice]  # [C, H]
+    logits = hidden[:, -N - 1 : -1] @ w.T  # [B, N, C]
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[layout.visual_slice]
+    image_loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+    metrics = {"image_loss": float(image_loss.detach())}
+    loss = image_loss
+    if text_loss_weight > 0:
+        T = batch["input_ids"].shape[1]
+        L = T - N
+        m = batch["attention_mask"][:, :L].bool()
+        valid = m[:, :-1] & m[:, 1:]  # [B, L-1]: position t predicts prompt token t+1
+        if bool(valid.any()):
+            h = hidden[:, : L - 1][valid]  # [K, H]
+            wt = head.weight[: layout.text_vocab_size]
+            tl = h @ wt.T
+            if getattr(head, "bias", None) is not None:
+                tl = tl + head.bias[: layout.text_vocab_size]
+            text_loss = F.cross_entropy(tl.float(), batch["input_ids"][:, 1:L][valid])
+            loss = loss + text_loss_weight * text_loss
+            metrics["text_loss"] = float(text_loss.detach())
+    return loss, metrics
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------------
+def _trainer_class():
+    from transformers import Trainer, TrainerCallback
+
+    class EpochCallback(TrainerCallback):
+        """Tells the dataset which epoch starts (caption dropout depends on it)."""
+
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(int(math.floor(state.epoch + 1e-6)))
+
+    class VisualLMTrainer(Trainer):
+        """Trainer with the visual-slice loss and policy-format checkpoints."""
+
+        def __init__(self, *args, layout, text_loss_weight=0.0, image_tokenizer_ref=None,
+                     copy_image_tokenizer=True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.layout = layout
+            self.text_loss_weight = float(text_loss_weight)
+            self.image_tokenizer_ref = image_tokenizer_ref
+            self.copy_image_tokenizer = copy_image_tokenizer
+            # compute_loss returns a per-batch mean: Trainer must divide by the accumulation steps itself.
+            self.model_accepts_loss_kwargs = False
+            self._metric_sums: dict[str, float] = {}
+            self._metric_count = 0
+            self.add_callback(EpochCallback(self.train_dataset))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, metrics = visual_lm_loss(model, inputs, self.layout, self.text_loss_weight)
+            for k, v in metrics.items():
+                self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
+            self._metric_count += 1
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if self._metric_count and "loss" in logs:
+                for k, v in self._metric_sums.items():
+                    logs[k] = round(v / self._metric_count, 4)
+                self._metric_sums, self._metric_count = {}, 0
+            super().log(logs, start_time)
+
+        def _save(self, output_dir=None, state_dict=None):
+            from models.policy import save_policy
+
+            save_policy(
+                output_dir or self.args.output_dir, self.model, self.processing_class, self.layout,
+                image_tokenizer=self.image_tokenizer_ref, copy_image_tokenizer=self.copy_image_tokenizer,
+                extra={"stage_step": int(self.state.global_step)},
+            )
+
+    return VisualLMTrainer
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-N`` dirs that a finished save left behind (trainer_state.json, written last, parses), oldest
+    first. A save interrupted by a kill lacks it and is skipped."""
+    out = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        if not m or not p.is_dir():
+            continue
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (p / ARGRPO_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return [p for _, p in sorted(out)]
+
+
+def _resume_point(cfg: LMStageConfig) -> str | None:
+    r = cfg.train.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        done = complete_checkpoints(cfg.output_dir)
+        return str(done[-1]) if done else None
+    if not (Path(r) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"train.resume: {r} is not a complete Trainer checkpoint (no trainer_state.json)")
+    return r
+
+
+def _publish(output_dir: Path, model, tokenizer, layout, image_tokenizer_ref, copy: bool, extra: dict) -> None:
+    """Make ``output_dir`` itself a policy checkpoint without disturbing the run files inside it.
+
+    The policy is written atomically next to it, then moved in entry by entry with argrpo.json last (and the old
+    one removed first), so the directory only ever looks like a complete policy when it is one.
+    """
+    from models.policy import save_policy
+
+    staging = output_dir.parent / f".{output_dir.name}.final-{os.getpid()}"
+    save_policy(staging, model, tokenizer, layout, image_tokenizer=image_tokenizer_ref,
+                copy_image_tokenizer=copy, extra=extra)
+    (output_dir / ARGRPO_FILE).unlink(missing_ok=True)
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == ARGRPO_FILE)
+    for entry in entries:
+        dst = output_dir / entry.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(entry, dst)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+@dataclass
+class LMStageResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float | None
+    train_seconds: float
+    rows: int
+    log_history: list = field(default_factory=list)
+
+
+def _words(captions) -> list[str]:
+    return sorted({w for c in captions for w in re.findall(r"\w+|[^\w\s]+", c.lower())})
+
+
+def build_text_tokenizer_for(cfg: LMStageConfig, captions, special_tokens) -> object:
+    """The text tokenizer of a new policy: a given directory, or a word-level one over the data's vocabulary."""
+    from models.text_tokenizer import build_text_tokenizer, load_text_tokenizer
+
+    if cfg.text_tokenizer:
+        return load_text_tokenizer(cfg.text_tokenizer)
+    if cfg.data.kind == "shapes":
+        from data.shapes import ShapesWorld
+
+        words = ShapesWorld(**cfg.data.shapes_world).vocabulary()
+    else:
+        words = _words(captions["caption"])
+    return build_text_tokenizer(words, special_tokens=special_tokens)
+
+
+def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
+    """(model, text tokenizer, layout, image tokenizer, image tokenizer dir) for a stage."""
+    from models.image_tokenizers import load_image_tokenizer
+    from models.layout import layout_preset
+    from models.policy import policy_from_config
+
+    if cfg.policy.checkpoint is not None:
+        model, loaded = policy_from_config(cfg.policy, device=device)
+        tokenizer, layout = loaded.tokenizer, loaded.layout
+        tok_dir = Path(cfg.image_tokenizer) if cfg.image_tokenizer else loaded.image_tokenizer_path
+        if tok_dir is None:
+            raise ValueError(f"{cfg.policy.checkpoint}: the checkpoint references no image tokenizer; "
+                             f"set image_tokenizer")
+        image_tokenizer = load_image_tokenizer(tok_dir)
+        for key, have in (("codebook_size", image_tokenizer.codebook_size), ("grid", tuple(image_tokenizer.grid))):
+            if getattr(layout, key) != have:
+                raise ValueError(f"image tokenizer {tok_dir}: {key} {have} does not match the policy's layout "
+                                 f"({getattr(layout, key)})")
+        return model, tokenizer, layout, image_tokenizer, Path(tok_dir)
+    tok_dir = Path(cfg.image_tokenizer)
+    image_tokenizer = load_image_tokenizer(tok_dir)
+    geometry = dict(codebook_size=int(image_tokenizer.codebook_size), grid=tuple(image_tokenizer.grid),
+                    image_size=tuple(image_tokenizer.image_size))
+    special = layout_preset(cfg.layout, text_vocab_size=0, **geometry).special_tokens
+    tokenizer = build_text_tokenizer_for(cfg, captions, special)
+    layout = layout_preset(cfg.layout, text_vocab_size=len(tokenizer), **geometry)
+    model, _ = policy_from_config(cfg.policy, layout=layout, device=device)
+    return model, tokenizer, layout, image_tokenizer, tok_dir
+
+
+def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResult:
+    """Build everything ``cfg`` names, train, and leave a policy checkpoint in ``cfg.output_dir``.
+
+    ``prepared``: optional ``(model, tokenizer, layout, image_tokenizer, image_tokenizer_dir)`` to train instead of
+    building them from the config (library use and tests). ``callbacks``: extra ``TrainerCallback``s.
+    """
+    from transformers import TrainingArguments
+
+    from data.captions import load_caption_dataset
+    from data.token_cache import build_token_cache
+    from models.runtime import resolve_device, seed_everything, set_threads
+
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    output_dir = Path(cfg.output_dir).absolute()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    captions = load_caption_dataset(cfg.data)
+    model, tokenizer, layout, image_tokenizer, tok_dir = prepared or prepare_policy(cfg, captions, device=device)
+    cached = build_token_cache(captions, image_tokenizer, cfg.cache_dir, batch_size=cfg.encode_batch_size)
+    dataset = CodesDataset(cached, tokenizer, layout, cfg.caption_dropout, seed=cfg.train.seed)
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(f"{len(dataset)} training rows < train.batch_size {cfg.train.batch_size} (the last "
+                         f"incomplete batch of an epoch is dropped)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        use_cpu=device.type == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        report_to=list(t.report_to) or "none",
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        label_names=["image_codes"],
+        **t.trainer_args,
+    )
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, data_collator=CodesCollator(layout, pad),
+        processing_class=tokenizer, callbacks=list(callbacks), layout=layout,
+        text_loss_weight=cfg.text_loss_weight, image_tokenizer_ref=str(tok_dir.absolute()),
+        copy_image_tokenizer=cfg.copy_image_tokenizer,
+    )
+    resume = _resume_point(cfg)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    _publish(output_dir, trainer.model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
+             extra={"stage_step": int(trainer.state.global_step)})
+    return LMStageResult(
+        output_dir=output_dir, global_step=int(trainer.state.global_step),
+        train_loss=getattr(out, "training_loss", None), train_seconds=seconds, rows=len(dataset),
+        log_history=list(trainer.state.log_history),
+    )
