@@ -1,0 +1,96 @@
+"""Prompt sets as GenEval jsonl: one JSON object a line, ``{"tag", "include", "exclude"?, "prompt"}``.
+
+Reading validates every row against GenEval's schema and names the file and 1-based row of the first problem;
+writing is atomic (temp file + rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+class PromptFileError(ValueError):
+    """A prompt file or row that does not follow the GenEval schema; the message names file and row."""
+
+
+def validate_spec(spec, where: str = "spec") -> dict:
+    """Check one GenEval spec; raise PromptFileError naming ``where`` and the offending key."""
+    if not isinstance(spec, dict):
+        raise PromptFileError(f"{where}: expected a JSON object, got {type(spec).__name__}")
+    for key, tp in (("tag", str), ("prompt", str), ("include", list)):
+        if key not in spec:
+            raise PromptFileError(f"{where}: missing key {key!r}")
+        if not isinstance(spec[key], tp):
+            raise PromptFileError(f"{where}: {key!r} must be a {tp.__name__}, got {spec[key]!r}")
+    if not spec["include"]:
+        raise PromptFileError(f"{where}: 'include' is empty")
+    for i, req in enumerate(spec["include"]):
+        w = f"{where}: include[{i}]"
+        if not isinstance(req, dict):
+            raise PromptFileError(f"{w}: expected an object, got {req!r}")
+        if not isinstance(req.get("class"), str):
+            raise PromptFileError(f"{w}: missing or non-string 'class'")
+        count = req.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise PromptFileError(f"{w}: 'count' must be a positive int, got {count!r}")
+        if "color" in req and not isinstance(req["color"], str):
+            raise PromptFileError(f"{w}: 'color' must be a string, got {req['color']!r}")
+        if "position" in req:
+            pos = req["position"]
+            if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
+                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+                raise PromptFileError(
+                    f"{w}: 'position' must be [relation in {list(RELATIONS)}, index of an earlier include], "
+                    f"got {pos!r}"
+                )
+    exclude = spec.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise PromptFileError(f"{where}: 'exclude' must be a list, got {exclude!r}")
+    for i, req in enumerate(exclude):
+        if not isinstance(req, dict) or not isinstance(req.get("class"), str) or not isinstance(req.get("count"), int):
+            raise PromptFileError(f"{where}: exclude[{i}] must be {{'class': str, 'count': int}}, got {req!r}")
+    return spec
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """GenEval jsonl -> list of spec dicts (blank lines skipped); errors name the file and 1-based row."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                spec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{path}: row {n}: not valid JSON: {e}") from e
+            rows.append(validate_spec(spec, where=f"{path}: row {n}"))
+    if not rows:
+        raise PromptFileError(f"{path}: no prompts")
+    return rows
+
+
+def write_prompts(path: str | Path, specs: list[dict]) -> Path:
+    """Validate and write specs as GenEval jsonl, atomically."""
+    path = Path(path)
+    for i, spec in enumerate(specs):
+        validate_spec(spec, where=f"{path}: row {i + 1}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for spec in specs:
+                f.write(json.dumps(spec) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
