@@ -131,7 +131,7 @@ class RolloutPool:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
         )
-        kwargs = dict(max_batch_rows=config.max_batch_rows) if config.engine == "torch" else {}
+        kwargs = {} if config.max_batch_rows is None else {"max_batch_rows": config.max_batch_rows}
         kwargs.update(engine_kwargs or {})
         self.workers = [
             actor_cls.remote(policy, engine=config.engine, device=config.resolved_device(), engine_kwargs=kwargs,
@@ -233,7 +233,7 @@ class LocalRolloutPool:
 
     def __init__(self, policy, config: RolloutConfig | None = None, engine_kwargs: dict | None = None, dtype=None):
         self.config = config = config or RolloutConfig(num_workers=0)
-        kwargs = dict(max_batch_rows=config.max_batch_rows) if config.engine == "torch" else {}
+        kwargs = {} if config.max_batch_rows is None else {"max_batch_rows": config.max_batch_rows}
         kwargs.update(engine_kwargs or {})
         self.worker = RolloutWorker(policy, engine=config.engine, device=config.resolved_device(),
                                     engine_kwargs=kwargs, num_threads=None, dtype=dtype)

@@ -8,6 +8,7 @@ zero-argument callable returning one); weights loaded later are the pool's job t
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -39,16 +40,46 @@ class PolicyComponents:
     uncond_prompt_ids: list[int] | None = None
 
 
-def load_components(checkpoint: str | Path, device: str = "cpu", dtype: str | None = None) -> PolicyComponents:
-    """A policy checkpoint directory (``models.policy.save_policy``) -> PolicyComponents with its image tokenizer."""
-    from models.image_tokenizers import load_image_tokenizer
-    from models.policy import load_policy
+def load_components(
+    checkpoint: str | Path, device: str = "cpu", dtype: str | None = None, with_model: bool = True
+) -> PolicyComponents:
+    """A policy checkpoint directory (``models.policy.save_policy``) -> PolicyComponents with its image tokenizer.
 
-    loaded = load_policy(checkpoint, device=device, dtype=dtype)
-    image_tokenizer = None
-    if loaded.image_tokenizer_path is not None:
-        image_tokenizer = load_image_tokenizer(loaded.image_tokenizer_path)
-    return PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, image_tokenizer)
+    ``with_model=False`` reads only the layout, text tokenizer and image tokenizer (model=None).
+    """
+    from models.image_tokenizers import load_image_tokenizer
+
+    if with_model:
+        from models.policy import load_policy
+
+        loaded = load_policy(checkpoint, device=device, dtype=dtype)
+        model, layout, tokenizer, tok_path = loaded.model, loaded.layout, loaded.tokenizer, loaded.image_tokenizer_path
+    else:
+        from models.policy import read_policy_meta
+        from models.text_tokenizer import load_text_tokenizer
+
+        meta = read_policy_meta(checkpoint)
+        if meta is None:
+            raise ValueError(f"{checkpoint}: no argrpo.json; this engine needs an argrpo checkpoint directory")
+        model, layout = None, TokenLayout.from_dict(meta["layout"])
+        tokenizer = load_text_tokenizer(checkpoint)
+        ref = meta.get("image_tokenizer")
+        tok_path = None if not ref else (Path(ref) if Path(ref).is_absolute() else Path(checkpoint) / ref)
+    image_tokenizer = load_image_tokenizer(tok_path) if tok_path is not None else None
+    return PolicyComponents(model, layout, tokenizer, image_tokenizer)
+
+
+def _loads_checkpoint(engine_cls) -> bool:
+    """Whether an engine is built from a checkpoint directory rather than a model object.
+
+    An engine says so with a ``loads_checkpoint`` class attribute; otherwise a constructor whose first argument
+    is named ``checkpoint`` does.
+    """
+    flag = getattr(engine_cls, "loads_checkpoint", None)
+    if flag is not None:
+        return bool(flag)
+    params = list(inspect.signature(engine_cls.__init__).parameters)
+    return len(params) > 1 and params[1] == "checkpoint"
 
 
 class RolloutWorker:
@@ -77,22 +108,31 @@ class RolloutWorker:
             from models.runtime import set_threads
 
             set_threads(num_threads)
-        if isinstance(policy, (str, Path)):
-            comps = load_components(policy, device=device, dtype=dtype)
-        elif isinstance(policy, PolicyComponents):
-            comps = policy
-        elif callable(policy):
-            comps = policy()
+        engine_cls = get_engine(engine)
+        kwargs = dict(engine_kwargs or {})
+        if _loads_checkpoint(engine_cls):
+            # engines that read weights themselves (vLLM) get the directory; no model is built here
+            if not isinstance(policy, (str, Path)):
+                raise ValueError(f"rollout engine {engine!r} loads a checkpoint directory; pass its path as policy")
+            comps = load_components(policy, device=device, dtype=dtype, with_model=False)
+            self.engine = engine_cls(str(policy), comps.layout, **kwargs)
         else:
-            raise TypeError(f"policy must be a checkpoint path, PolicyComponents or a callable, got {type(policy)}")
+            if isinstance(policy, (str, Path)):
+                comps = load_components(policy, device=device, dtype=dtype)
+            elif isinstance(policy, PolicyComponents):
+                comps = policy
+            elif callable(policy):
+                comps = policy()
+            else:
+                raise TypeError(
+                    f"policy must be a checkpoint path, PolicyComponents or a callable, got {type(policy)}"
+                )
+            if comps.uncond_prompt_ids is not None:
+                kwargs.setdefault("uncond_prompt_ids", comps.uncond_prompt_ids)
+            self.engine = engine_cls(comps.model, comps.layout, device=device, tokenizer=comps.tokenizer, **kwargs)
         self.layout = comps.layout
         self.tokenizer = comps.tokenizer
         self.image_tokenizer = comps.image_tokenizer
-        engine_cls = get_engine(engine)
-        kwargs = dict(engine_kwargs or {})
-        if comps.uncond_prompt_ids is not None:
-            kwargs.setdefault("uncond_prompt_ids", comps.uncond_prompt_ids)
-        self.engine = engine_cls(comps.model, comps.layout, device=device, tokenizer=comps.tokenizer, **kwargs)
 
     def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingParams, decode: bool = True) -> Rollout:
         """P captions (or prompt token ids) -> Rollout of ``P * sampling.n`` rows with images uint8 [B, H, W, 3].

@@ -132,6 +132,32 @@ def test_worker_errors():
     assert out.images is None and len(out) == 2  # no image tokenizer: tokens only
 
 
+def test_worker_from_checkpoint_dir(tmp_path):
+    from models.image_tokenizers.vq import VQTokenizer
+    from models.layout import layout_preset
+    from models.policy import build_policy, save_policy
+    from models.text_tokenizer import build_text_tokenizer
+    from rollout.worker import _loads_checkpoint, load_components
+
+    vq = VQTokenizer(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5,
+                     torch.tensor([[255, 0, 0], [0, 0, 255]]), torch.tensor([255, 255, 255]), grid=(2, 2))
+    tok = build_text_tokenizer(["a", "red", "circle"], ("<|pad|>", "<|t2i|>", "<|soi|>", "<|eoi|>"))
+    layout = layout_preset("shapes", text_vocab_size=len(tok), codebook_size=vq.codebook_size, grid=(2, 2),
+                           image_size=vq.image_size)
+    save_policy(tmp_path / "ckpt", build_policy(layout, size="tiny"), tok, layout, image_tokenizer=vq)
+    worker = RolloutWorker(str(tmp_path / "ckpt"))
+    out = worker.generate(["a red circle", "a circle"], SamplingParams(n=2, cfg_scale=2.0, seed=0))
+    assert out.images.shape == (4, 8, 8, 3) and bool(layout.is_visual(out.completion_ids).all())
+    light = load_components(tmp_path / "ckpt", with_model=False)
+    assert light.model is None and light.layout == layout and light.image_tokenizer.codebook_size == vq.codebook_size
+
+    class ByPath:
+        def __init__(self, checkpoint, layout):
+            pass
+
+    assert _loads_checkpoint(ByPath) and not _loads_checkpoint(type(worker.engine))
+
+
 def test_rollout_config_validates():
     assert RolloutConfig().resolved_device() == "cpu"
     assert RolloutConfig(num_gpus_per_worker=0.5).resolved_device() == "cuda"

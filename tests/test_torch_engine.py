@@ -132,6 +132,17 @@ def test_visual_head_equals_full_head():
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 
+def test_eager_attention_matches_sdpa():
+    sdpa = tiny_model(seed=4)
+    eager = tiny_model(seed=4)
+    eager.config._attn_implementation = "eager"  # the engine's ready-made 4D mask must suit both kernels
+    sp = SamplingParams(temperature=1.0, cfg_scale=2.0, seed=3, n=2)
+    a = TorchEngine(sdpa, LAYOUT, uncond_prompt_ids=UNCOND).generate(PROMPTS, sp)
+    b = TorchEngine(eager, LAYOUT, uncond_prompt_ids=UNCOND).generate(PROMPTS, sp)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
 def test_load_full_weights_changes_outputs_and_version():
     engine = TorchEngine(tiny_model(seed=5, tie=True), LAYOUT)
     sp = SamplingParams(temperature=1.0, seed=0, n=2)

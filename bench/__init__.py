@@ -1,0 +1,1 @@
+"""Benchmarks: each writes bench/results/<name>.json and a markdown table (python -m bench.<name>)."""
