@@ -6,6 +6,7 @@ Sections (YAML keys; any key can be overridden with ``--set section.key=value``)
     policy:      models.policy.PolicyConfig    checkpoint, layout, full or LoRA (policy.lora.*)
     rollout:     rollout.pool.RolloutConfig    engine, num_workers, mode (sync | async), sampling (SamplingParams)
     rewards:     list of RewardSpec            name or 'package.module:function', weight, kwargs, alias
+    reward_actors, reward_pool                 score rewards on Ray actors (rewards.pool), one per reward
     data:        DataConfig                    prompt sets (GenEval-schema jsonl)
     grpo:        GRPOSection                   TRL GRPOConfig fields (loss_type, beta, epsilon, ...), plus `trl`
                                                for any other GRPOConfig field
@@ -25,8 +26,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from grpo.evaluate import EvalSettings
 from models.policy import PolicyConfig
 from rewards.base import RewardSpec
+from rewards.pool import RewardPoolConfig
 from rollout.pool import RolloutConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -54,10 +57,13 @@ MANAGED_TRL_FIELDS = {
 
 @dataclass
 class DataConfig:
-    """Prompt sets: GenEval-schema JSON lines, one object per line with at least a 'prompt' string."""
+    """Prompt sets: 'shapes:<split>' (generated), a .jsonl (one object a line with a 'prompt'; GenEval rows carry
+    tag/include for GenEval-style rewards) or a .txt (one caption a line)."""
 
-    train_prompts: str | None = field(default=None, metadata={"help": "training prompts (.jsonl)"})
-    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for evaluation (.jsonl)"})
+    train_prompts: str | None = field(default=None, metadata={"help": "training prompts: shapes:train, .jsonl, .txt"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts for evaluation"})
+    shapes_per_tag: int = field(default=200, metadata={"help": "'shapes:<split>' training prompts per tag"})
+    shapes_seed: int = field(default=0, metadata={"help": "'shapes:<split>' prompt set seed"})
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the prompts every epoch (seeded)"})
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
 
@@ -212,15 +218,23 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation with grpo.evaluate.evaluate() every N steps (and before the first step)."""
+    """Held-out GenEval-style evaluation (grpo.evaluate.evaluate) every N steps, logged as eval/score, eval/<tag>."""
 
     every: int = field(default=0, metadata={"help": "evaluate every N steps (0: never during training)"})
     at_start: bool = field(default=True, metadata={"help": "also evaluate before the first step (when every > 0)"})
-    kwargs: dict = field(default_factory=dict, metadata={"help": "extra arguments for grpo.evaluate.evaluate()"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "GenEval jsonl or 'shapes:<split>' (default: data.eval_prompts)"})
+    shapes_per_tag: int = field(default=20, metadata={"help": "'shapes:<split>' prompts per tag"})
+    shapes_seed: int = field(default=0, metadata={"help": "'shapes:<split>' prompt set seed"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts"})
+    settings: EvalSettings = field(default_factory=lambda: EvalSettings(progress=False),
+                                   metadata={"help": "sampling and detector settings (pinned for comparability)"})
 
     def __post_init__(self):
         if self.every < 0:
             raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"eval.limit must be >= 1, got {self.limit}")
 
 
 @dataclass
@@ -234,6 +248,9 @@ class GRPORunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "the policy"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollouts"})
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and weights"})
+    reward_actors: bool = field(default=False, metadata={"help": "score rewards on Ray actors, all concurrently"})
+    reward_pool: RewardPoolConfig = field(default_factory=RewardPoolConfig,
+                                          metadata={"help": "reward actors' resources (with reward_actors)"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "prompt sets"})
     grpo: GRPOSection = field(default_factory=GRPOSection, metadata={"help": "TRL GRPO settings"})
     correction: CorrectionConfig = field(default_factory=CorrectionConfig, metadata={"help": "IS correction"})
@@ -258,8 +275,8 @@ class GRPORunConfig:
             raise ValueError("rollout.sampling.jacobi is not supported for training rollouts")
         if self.policy.checkpoint is None:
             raise ValueError("policy.checkpoint: GRPO starts from a trained policy; name its directory")
-        if self.eval.every and not (self.data.eval_prompts or self.eval.kwargs.get("prompts")):
-            raise ValueError("eval.every > 0 needs data.eval_prompts")
+        if self.eval.every and not (self.eval.prompts or self.data.eval_prompts):
+            raise ValueError("eval.every > 0 needs eval.prompts or data.eval_prompts")
 
     @property
     def use_correction(self) -> bool:

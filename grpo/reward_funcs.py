@@ -32,17 +32,83 @@ class TrackedReward:
             self.stats.record_scores(self.__name__, prompts, images, scores)
         return out
 
+    def close(self) -> None:
+        close = getattr(self.reward, "close", None)
+        if close is not None:
+            close()
+
     def __repr__(self) -> str:
         return f"TrackedReward({self.reward!r})"
 
 
-def build_reward_funcs(specs, stats: StepStats) -> tuple[list[TrackedReward], list[float]]:
-    """RewardSpec list (config ``rewards:``) -> (TRL reward_funcs, reward_weights)."""
+class _PooledScores:
+    """One Ray RewardPool behind several TRL reward functions: the first call of a batch starts every reward on
+    the actors at once, each function then returns its own reward's scores (so TRL still logs each reward)."""
+
+    def __init__(self, specs, config):
+        from rewards.pool import RewardPool
+
+        self.pool = RewardPool(list(specs), config=config)
+        self._key = None
+        self._components = None
+        self.closed = False
+
+    def component(self, key: str, prompts, kwargs) -> list:
+        images = kwargs.get("images")
+        if self._key is not images:  # a new batch: TRL passes the same images list to every reward function
+            meta = {k: v for k, v in kwargs.items() if k not in ("images", "completions", "completion_ids",
+                                                                 "trainer_state", "log_extra", "log_metric")}
+            self._components = self.pool.score_components(prompts, images, **meta)
+            self._key = images
+        return self._components[key]
+
+
+class PooledReward:
+    """A TRL reward function reading one component of a :class:`_PooledScores`."""
+
+    def __init__(self, shared: _PooledScores, key: str):
+        self.shared, self.key, self.__name__ = shared, key, key
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        out = self.shared.component(self.key, prompts, kwargs)
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            from rewards.base import log_extras
+
+            log_extras(out, self.key, log_metric)
+        return out
+
+    def close(self) -> None:
+        if not self.shared.closed:
+            self.shared.closed = True
+            self.shared.pool.shutdown()
+
+
+def display_name(spec) -> str:
+    """How a reward is named in logs: its alias, else its registered name or plugin function name."""
+    return spec.alias or spec.name.rpartition(":")[2]
+
+
+def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_config=None
+                       ) -> tuple[list[TrackedReward], list[float]]:
+    """RewardSpec list (config ``rewards:``) -> (TRL reward_funcs, reward_weights).
+
+    actors: score on Ray reward actors (rewards.pool.RewardPool), every reward of a batch concurrently.
+    """
     from rewards.base import build_reward
 
     funcs, weights = [], []
+    if actors:
+        from rollout.cluster import init_ray
+
+        init_ray()
+        shared = _PooledScores(specs, pool_config)
+        for spec in specs:
+            funcs.append(TrackedReward(PooledReward(shared, spec.key), stats, name=display_name(spec)))
+            weights.append(float(spec.weight))
+        return funcs, weights
     for spec in specs:
         reward = build_reward(spec.name, name=spec.alias, **dict(spec.kwargs))
-        funcs.append(TrackedReward(reward, stats, name=spec.key if spec.alias else reward.__name__))
+        funcs.append(TrackedReward(reward, stats, name=display_name(spec)))
         weights.append(float(spec.weight))
     return funcs, weights

@@ -159,6 +159,10 @@ class GRPORun:
             shutdown = getattr(self.pool, "shutdown", None)
             if shutdown is not None:
                 shutdown()
+            for f in getattr(self.trainer, "reward_funcs", []):
+                close = getattr(f, "close", None)
+                if close is not None:
+                    close()
             tb = self.callbacks.get("tb_writer")
             if tb is not None:
                 tb.close()
@@ -171,9 +175,8 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     """
     from transformers.integrations import TensorBoardCallback
 
-    from data.prompts import read_prompts
     from grpo import callbacks as cb
-    from grpo.prompts import prompt_stream
+    from grpo.prompts import load_prompts, prompt_stream
     from grpo.reward_funcs import build_reward_funcs
     from grpo.rollouts import RolloutSource
     from grpo.weight_sync import WeightSync, WorkerPolicy
@@ -201,8 +204,8 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
         base_model_path = (read_policy_meta(loaded.path) or {}).get("base_model")
 
     if not cfg.data.train_prompts:
-        raise ValueError("data.train_prompts: name the training prompt file (GenEval jsonl)")
-    specs = read_prompts(cfg.data.train_prompts)
+        raise ValueError("data.train_prompts: name the training prompts (shapes:train, a .jsonl or a .txt)")
+    specs = load_prompts(cfg.data.train_prompts, cfg.data.shapes_per_tag, cfg.data.shapes_seed)
     if cfg.data.max_prompts:
         specs = specs[: cfg.data.max_prompts]
     P = cfg.grpo.prompts_per_generation
@@ -215,7 +218,8 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     sync = WeightSync(pool)
     source = RolloutSource(pool, sync, cfg.rollout.sampling, cfg.grpo.num_generations, dataset["prompt"], P,
                            mode=cfg.rollout.mode, seed=cfg.seed, stats=stats)
-    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats)
+    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
+                                               pool_config=cfg.reward_pool)
     args = trl_args(cfg, layout.n_image_tokens, device)
     args.reward_weights = weights
 
@@ -278,20 +282,26 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
 
 def _default_eval_fn(cfg: GRPORunConfig, run: GRPORun):
-    from grpo import evaluate as ev
+    """Held-out GenEval-style score of the learner's current weights (grpo.evaluate), as {score, score_se, <tag>}."""
+    from types import SimpleNamespace
 
-    kwargs = dict(cfg.eval.kwargs)
-    kwargs.setdefault("prompts", cfg.data.eval_prompts)
+    from grpo import evaluate as ev
+    from models.image_tokenizers import load_image_tokenizer
+
+    e = cfg.eval
+    specs, _ = ev.load_prompt_set(e.prompts or cfg.data.eval_prompts, e.shapes_per_tag, e.shapes_seed)
+    specs = specs[: e.limit] if e.limit else specs
+    if run.image_tokenizer_path is None:
+        raise ValueError(f"{cfg.policy.checkpoint}: evaluation needs the policy's image tokenizer")
+    image_tokenizer = load_image_tokenizer(run.image_tokenizer_path)
 
     def fn(trainer, step):
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = model.training
-        model.eval()
-        try:
-            return ev.evaluate_model(model, run.layout, run.tokenizer, run.image_tokenizer_path, **kwargs)
-        finally:
-            if was_training:
-                model.train()
+        policy = SimpleNamespace(model=trainer.accelerator.unwrap_model(trainer.model), tokenizer=run.tokenizer,
+                                 layout=run.layout, image_tokenizer_path=run.image_tokenizer_path)
+        result = ev.evaluate(policy, image_tokenizer, specs, e.settings)
+        out = {"score": result.overall, "score_se": result.overall_stderr}
+        out.update({tag: s.accuracy for tag, s in result.tags.items()})
+        return out
 
     return fn
 

@@ -1,0 +1,36 @@
+"""`argrpo grpo CONFIG [--set key=value ...] [--resume]`: GRPO on TRL from a trained policy (grpo.trainer)."""
+
+from __future__ import annotations
+
+from recipes.commands import add_config_args, command
+
+
+def configure(parser) -> None:
+    add_config_args(parser, required=False)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in output_dir/checkpoints (same step and data)")
+    parser.add_argument("--describe", action="store_true", help="print every config key with its help and exit")
+
+
+@command("grpo", help="GRPO (TRL GRPOTrainer) with rollout workers and reward functions", configure=configure)
+def run(args) -> int:
+    import json
+    import warnings
+
+    from grpo.config import GRPORunConfig
+    from recipes.config import describe, load_config
+
+    if args.describe:
+        print(describe(GRPORunConfig))
+        return 0
+    if args.config is None:
+        raise SystemExit("argrpo grpo: name a config file (e.g. recipes/configs/shapes/grpo.yaml), or --describe")
+    cfg = load_config(GRPORunConfig, args.config, args.overrides)
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+    from grpo.trainer import train
+
+    summary = train(cfg, resume=args.resume)
+    last = summary["last"]
+    print(json.dumps({"steps": summary["steps"], "final": summary["final"], "seconds": round(summary["seconds"], 1),
+                      "reward": last.get("reward"), "eval": summary["eval"][-1:] or None}, default=str))
+    return 0

@@ -1,0 +1,97 @@
+"""grpo.config: the shipped GRPO recipes load and validate; bad values fail with errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.config import GRPORunConfig
+from grpo.trainer import trl_args
+from recipes.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+RECIPES = [CONFIGS / "shapes" / "grpo.yaml", CONFIGS / "simplear" / "0.5b_grpo_clip.yaml"]
+BASE = ["policy.checkpoint=ckpt", "rewards=[{name: geneval_dense}]", "data.train_prompts=shapes:train"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_shipped_recipe_loads_and_builds_trl_args(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# argrpo grpo recipes/configs/{path.parent.name}/{path.name}")
+    cfg = load_config(GRPORunConfig, path)
+    args = trl_args(cfg, n_image_tokens=64, device=torch.device("cpu"))
+    assert args.num_generations == cfg.grpo.num_generations and args.loss_type == cfg.grpo.loss_type
+    assert args.temperature == cfg.rollout.sampling.temperature and args.max_completion_length == 64
+    assert args.shuffle_dataset is False and args.save_strategy == "no"
+    assert args.generation_batch_size % args.num_generations == 0
+
+
+def test_simplear_recipe_has_the_published_settings():
+    cfg = load_config(GRPORunConfig, RECIPES[1])
+    g = cfg.grpo
+    assert (g.learning_rate, g.lr_scheduler_type, g.num_generations, g.beta) == (1e-6, "cosine", 4, 0.04)
+    assert cfg.rollout.engine == "vllm" and cfg.policy.layout == "simplear"
+    assert cfg.rewards[0].name == "clip" and cfg.rewards[0].kwargs["model"] == "ViT-H-14"
+    assert cfg.use_correction  # vLLM numerics differ from the learner's
+    from models.layout import layout_preset
+
+    assert layout_preset("simplear", text_vocab_size=151_672).n_image_tokens == 4096
+    args = trl_args(cfg, n_image_tokens=4096, device=torch.device("cpu"))
+    assert args.max_completion_length == 4096 and args.beta == 0.04
+
+
+def test_shapes_recipe_uses_the_geneval_reward():
+    cfg = load_config(GRPORunConfig, RECIPES[0])
+    assert cfg.rewards[0].name.startswith("geneval") and cfg.policy.checkpoint == "runs/shapes/sft"
+    assert cfg.data.train_prompts == "shapes:train" and cfg.eval.prompts == "shapes:heldout"
+    assert not cfg.use_correction  # sync, no CFG, torch engine: the sampler is the learner's distribution
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.num_generations=1", "num_generations must be >= 2"),
+    ("grpo.per_device_train_batch_size=12", "must be divisible by num_generations"),
+    ("rollout.sampling.temperature=0.0", "temperature must be > 0"),
+    ("rollout.sampling.n=4", "leave it at 1"),
+    ("grpo.loss_type=ppo", "unknown 'ppo'"),
+    ("grpo.trl={temperature: 0.5}", "set by argrpo from rollout.sampling.temperature"),
+    ("grpo.trl={mask_truncated_completions: true}", "every completion would be masked"),
+    ("grpo.trl={beta: 0.1}", "use grpo.beta"),
+    ("grpo.trl={not_a_field: 1}", "not a TRL GRPOConfig field"),
+    ("correction.mode=on", "expected one of ['auto', 'always', 'never']"),
+    ("correction.level=token", "unknown 'token'"),
+    ("rewards=[{name: a}, {name: a}]", "appear twice"),
+    ("rewards=[]", "at least one reward"),
+    ("eval.every=5", "needs eval.prompts or data.eval_prompts"),
+    ("policy.lora.target_modules=[lm_head]", "not allowed"),
+])
+def test_bad_values_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPORunConfig, None, BASE + [override])
+    assert message in str(e.value)
+
+
+def test_generation_batch_counts_steps_per_generation():
+    cfg = load_config(GRPORunConfig, None, BASE + ["grpo.per_device_train_batch_size=8",
+                                                   "grpo.gradient_accumulation_steps=4", "grpo.num_generations=16"])
+    assert cfg.grpo.generation_batch_size == 32 and cfg.grpo.prompts_per_generation == 2
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], False),
+    (["rollout.sampling.cfg_scale=3.0"], True),
+    (["rollout.sampling.top_k=50"], True),
+    (["rollout.mode=async"], True),
+    (["rollout.engine=vllm"], True),
+    (["correction.mode=always"], True),
+    (["rollout.mode=async", "correction.mode=never"], False),
+])
+def test_correction_auto(overrides, expected):
+    assert load_config(GRPORunConfig, None, BASE + overrides).use_correction is expected
+
+
+def test_trl_passthrough_reaches_grpo_config():
+    cfg = load_config(GRPORunConfig, None, BASE + ["grpo.trl={num_generations_eval: 2, sapo_temperature_pos: 0.5}"])
+    args = trl_args(cfg, 64, torch.device("cpu"))
+    assert args.num_generations_eval == 2 and args.sapo_temperature_pos == 0.5
