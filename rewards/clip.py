@@ -76,6 +76,21 @@ def resolve_dtype(dtype: Any):
     return names[dtype]
 
 
+class _quiet_random_init:
+    """Hide open_clip's "initialized randomly" warning: a local checkpoint is loaded right after."""
+
+    def __enter__(self):
+        import logging
+
+        self.filter = lambda record: "initialized randomly" not in record.getMessage()
+        logging.getLogger().addFilter(self.filter)
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger().removeFilter(self.filter)
+
+
 def _device(device: str):
     from models.runtime import resolve_device
 
@@ -101,8 +116,9 @@ class OpenClip:
         self.batch_size = int(batch_size)
         local = pretrained is not None and (os.path.sep in str(pretrained) or Path(str(pretrained)).is_file())
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=None if local else pretrained, device="cpu")
+            with _quiet_random_init():
+                net, _, preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=None if local else pretrained, device="cpu")
         except RuntimeError as e:
             raise ValueError(f"open_clip model {model!r} with pretrained={pretrained!r}: {e}") from e
         if local:
