@@ -1,0 +1,423 @@
+"""Speculative Jacobi decoding (SJD) for the torch engine: several visual tokens per forward, same distribution.
+
+Plain sampling spends one forward pass per token. SJD (Teng et al., 2024) keeps a window of ``W`` draft tokens
+after each row's accepted prefix and checks them all in ONE forward pass; each pass accepts between 1 and ``W + 1``
+tokens. What makes the samples follow the model's distribution exactly (not approximately) is the acceptance rule
+of speculative sampling:
+
+* every draft ``x_i`` was drawn from a known proposal ``q_i`` (a distribution fixed by what happened before it was
+  drawn, never by ``x_i`` itself): uniform over the codebook, or a target distribution of an earlier pass;
+* one forward over ``[last accepted token, x_0 .. x_{W-1}]`` gives the sampler's distribution ``p_i`` (temperature,
+  CFG, top-k/top-p: :func:`rollout.sampling.final_logprobs`) at each window position, ``p_i`` conditioned on the
+  drafts before it;
+* scanning left to right, ``x_i`` is accepted with probability ``min(1, p_i(x_i) / q_i(x_i))`` (its prefix has been
+  accepted, so ``p_i`` is the true conditional there); at the first rejection a token is drawn from the normalised
+  residual ``max(0, p_i - q_i)``, and if every draft passed a bonus token is drawn from ``p_W``. Either way that
+  token is distributed as ``p_i``: this is the standard speculative-sampling identity;
+* the positions after the new token are re-drafted from this pass's ``p`` (conditioned on now-stale drafts; still a
+  valid proposal, and the Jacobi fixed-point guess), each recording its ``q``; positions entering the window for the
+  first time are drafted from ``init`` (``"last"``: the last window position's ``p``; ``"uniform"``).
+
+The sampler logprob of a token is ``log p_i(x_i)`` from the pass that accepted it, whose prefix was already
+correct, so it is the same number plain sampling reports (up to float rounding). Greedy (temperature 0) accepts a
+draft iff it is the argmax of ``p_i`` and takes the argmax at the first mismatch: Jacobi fixed-point iteration,
+whose output equals plain greedy decoding.
+
+Batching with ragged progress (the KV cache, ``[R, heads, T, head_dim]`` per layer, ``R`` = rows incl. CFG's
+uncond rows). Each row keeps its valid cache entries in one left-aligned run ``[pad_r, len_r)`` of physical
+columns (``pad_r``: the row's left padding of the prompt block) followed by masked holes up to the common length
+``T``. A pass appends its ``m + W`` input columns at ``T`` for every row (``m``: committed tokens, the whole prompt
+on the first pass, then 1); afterwards each row's new columns are moved down to start at ``len_r`` (a scatter of
+only those columns), only the committed tokens and the accepted drafts count as valid, and the cache is cropped to
+the longest row. The 2-D attention mask marks ``[pad_r, len_r)`` valid and every hole invalid; position ids are
+per row (prompt length + visual index), so a hole changes nothing a row attends to. ``T`` stays at most
+``prompt + N + W`` columns. Finished rows leave the batch. A CFG pair (cond row ``r``, uncond row ``r + b``) always
+holds the same visual tokens; only its prompt differs.
+
+Randomness: row ``i`` of a call draws from its own ``torch.Generator`` seeded ``seed + i`` (a fixed number of
+uniforms per pass), so a sample depends on its seed and the weights, not on the batch or chunking. SJD consumes
+randomness differently from plain sampling: the same seed gives a different sample, from the same distribution.
+
+Entry point: :func:`jacobi_generate` (``TorchEngine.generate`` calls it when ``SamplingParams.jacobi``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
+from rollout.types import Rollout, SamplingParams
+
+DEFAULT_WINDOW = 16
+INITS = ("last", "uniform")
+# acceptance rules; only "speculative" keeps the model's distribution (the others exist so tests can show that a
+# wrong rule is caught by the distribution check)
+RULES = ("speculative", "always", "target_on_reject")
+
+
+@dataclass
+class JacobiStats:
+    """Counters of one or more SJD calls.
+
+    forward_steps: forward passes run (a batch pass counts once); plain_steps: the passes plain sampling needs for
+    the same work (``N`` per batch chunk). row_steps: passes each row took until its ``N`` tokens were accepted.
+    tested[j] / accepted[j]: drafts at window offset ``j`` that were checked / accepted (a draft is checked only if
+    every draft before it in the window was accepted). tokens_per_pass[k]: row-passes that produced ``k`` tokens.
+    """
+
+    window: int
+    forward_steps: int = 0
+    plain_steps: int = 0
+    row_steps: list[int] = field(default_factory=list)
+    tested: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    tokens_per_pass: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.tested = self.tested or [0] * self.window
+        self.accepted = self.accepted or [0] * self.window
+        self.tokens_per_pass = self.tokens_per_pass or [0] * (self.window + 2)
+
+    @property
+    def step_ratio(self) -> float:
+        """Plain forward passes / SJD forward passes (> 1: fewer passes)."""
+        return self.plain_steps / max(self.forward_steps, 1)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens a row gains per pass (over every row-pass)."""
+        n = sum(self.tokens_per_pass)
+        return sum(k * c for k, c in enumerate(self.tokens_per_pass)) / max(n, 1)
+
+    @property
+    def acceptance(self) -> list[float]:
+        """P(draft at offset j accepted | checked), per offset (NaN where none was checked)."""
+        return [a / t if t else float("nan") for a, t in zip(self.accepted, self.tested)]
+
+    def summary(self) -> dict:
+        return {
+            "window": self.window,
+            "forward_steps": self.forward_steps,
+            "plain_steps": self.plain_steps,
+            "step_ratio": self.step_ratio,
+            "tokens_per_step": self.tokens_per_step,
+            "mean_row_steps": sum(self.row_steps) / max(len(self.row_steps), 1),
+            "acceptance_first": self.acceptance[0] if self.window else float("nan"),
+            "acceptance": self.acceptance,
+            "tokens_per_pass": list(self.tokens_per_pass),
+        }
+
+
+# ---- public entry point ----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def jacobi_generate(
+    engine,
+    prompt_ids: list[list[int]],
+    sampling: SamplingParams,
+    window: int = DEFAULT_WINDOW,
+    init: str = "last",
+    stats: JacobiStats | None = None,
+    _rule: str = "speculative",
+) -> Rollout:
+    """SJD with ``engine`` (a :class:`rollout.engines.torch_engine.TorchEngine`): same contract as its ``generate``.
+
+    P prompts -> Rollout of ``P * sampling.n`` rows in prompt order: completion_ids int64 [P*n, N] visual LM ids,
+    logprobs float32 [P*n, N] sampler logprobs. ``timings`` adds ``jacobi_forward_steps``, ``jacobi_plain_steps``
+    and ``jacobi_tokens_per_step``; pass ``stats`` to collect the full counters (acceptance per window offset).
+    """
+    if window < 1:
+        raise ValueError(f"jacobi window must be >= 1, got {window}")
+    if init not in INITS:
+        raise ValueError(f"unknown jacobi init {init!r}; known: {list(INITS)}")
+    if _rule not in RULES:
+        raise ValueError(f"unknown acceptance rule {_rule!r}; known: {list(RULES)}")
+    t0 = time.perf_counter()
+    own = JacobiStats(window)
+    prompts = engine._check_prompts(prompt_ids)
+    n, N = sampling.n, engine.layout.n_image_tokens
+    B = len(prompts) * n
+    uncond = engine._uncond_prompt_ids(sampling) if sampling.use_cfg else None
+    seed = None if sampling.greedy else resolve_seed(sampling.seed)
+    chunk = engine.max_batch_rows or B
+    codes, logps = [], []
+    for start in range(0, B, chunk):
+        rows = torch.arange(start, min(start + chunk, B))
+        c, lp = _JacobiBatch(engine, sampling, window, init, _rule, own).run(
+            [prompts[int(r) // n] for r in rows], uncond, None if seed is None else [seed + int(r) for r in rows]
+        )
+        codes.append(c)
+        logps.append(lp)
+    if stats is not None:
+        _merge(stats, own)
+    return Rollout(
+        prompt_ids=[list(prompts[r // n]) for r in range(B)],
+        completion_ids=torch.cat(codes).cpu() + engine.layout.visual_offset,
+        logprobs=torch.cat(logps).float().cpu(),
+        images=None,
+        weight_version=engine.weight_version,
+        timings={
+            "generate": time.perf_counter() - t0,
+            "jacobi_forward_steps": float(own.forward_steps),
+            "jacobi_plain_steps": float(own.plain_steps),
+            "jacobi_tokens_per_step": own.tokens_per_step,
+        },
+    )
+
+
+def _merge(into: JacobiStats, new: JacobiStats) -> None:
+    if into.window != new.window:
+        raise ValueError(f"cannot merge stats of window {new.window} into window {into.window}")
+    into.forward_steps += new.forward_steps
+    into.plain_steps += new.plain_steps
+    into.row_steps += new.row_steps
+    into.tested = [a + b for a, b in zip(into.tested, new.tested)]
+    into.accepted = [a + b for a, b in zip(into.accepted, new.accepted)]
+    into.tokens_per_pass = [a + b for a, b in zip(into.tokens_per_pass, new.tokens_per_pass)]
+
+
+# ---- one batch chunk ---------------------------------------------------------------------------------------------
+class _JacobiBatch:
+    """State of one chunk of ``b`` samples (``R = b`` or ``2b`` cache rows) while SJD runs; see the module docstring.
+
+    Per active cond row: ``acc`` [b] accepted count, ``drafts`` [b, w] codes for positions ``acc .. acc + w - 1``,
+    ``q`` [b, w, C] their proposal log-probs (None when greedy), ``out`` / ``out_lp`` [b, N + W + 1] tokens and
+    sampler logprobs (positions >= acc are scratch). Per cache row: ``plen`` prompt length, ``pad`` left padding,
+    ``vlen`` end of the valid run of physical cache columns.
+    """
+
+    def __init__(self, engine, sampling: SamplingParams, window: int, init: str, rule: str, stats: JacobiStats):
+        from rollout.engines.torch_engine import _unwrap
+
+        self.engine, self.sampling, self.W, self.init, self.rule, self.stats = engine, sampling, window, init, rule, stats
+        self.hf, _ = _unwrap(engine.model)
+        self.dev = engine.device
+        self.N = engine.layout.n_image_tokens
+        self.C = engine.layout.codebook_size
+        self.greedy = sampling.greedy
+
+    # -- randomness: per row, fixed count per pass, so a row's stream does not depend on its batch
+    def _uniforms(self, k: int) -> torch.Tensor:
+        """float32 [b_active, k] in [0, 1) from the active rows' own generators."""
+        u = torch.stack([torch.rand(k, generator=self.gens[i], dtype=torch.float64) for i in self.active.tolist()])
+        return u.to(device=self.dev, dtype=torch.float32).clamp_(max=1.0 - 2**-24)
+
+    def _draw(self, q: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """Codes [b, w] drawn from proposal log-probs q [b, w, C] (argmax when greedy)."""
+        if self.greedy:
+            return q.argmax(-1)
+        b, w, C = q.shape
+        codes, _ = sample_from_logprobs(q.reshape(b * w, C), u.reshape(b * w))
+        return codes.view(b, w)
+
+    def _logits(self, ids, mask, pos, keep: int) -> torch.Tensor:
+        """Forward through the cache; logits over the visual codes for the last ``keep`` positions, [R, keep, C]."""
+        eng, vs = self.engine, self.engine.layout.visual_slice
+        if not eng.visual_head:
+            out = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=keep)
+            return out.logits[:, -keep:, vs]
+        h = self.hf.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True
+        ).last_hidden_state[:, -keep:]
+        head = self.hf.get_output_embeddings()
+        bias = head.bias[vs] if getattr(head, "bias", None) is not None else None
+        logits = F.linear(h, head.weight[vs], bias)  # visual rows of the head only (a view of W)
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _cache_tensors(self):
+        for layer in self.cache.layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise NotImplementedError(
+                    f"Jacobi decoding needs a plain dynamic KV cache; got {type(layer).__name__} (sliding window?)"
+                )
+            yield layer
+
+    def _compact(self, start: int, width: int, dst: torch.Tensor, new_len: int) -> None:
+        """Move cache columns [start, start + width) of row r to [dst_r, dst_r + width); crop to ``new_len``."""
+        moved = bool((dst != start).any())
+        for layer in self._cache_tensors():
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                if moved:
+                    src = t[:, :, start : start + width].clone()
+                    idx = (dst[:, None] + torch.arange(width, device=dst.device))[:, None, :, None].expand_as(src)
+                    t.scatter_(2, idx, src)
+                setattr(layer, name, t[:, :, :new_len])
+
+    def _crop(self, new_len: int) -> None:
+        for layer in self._cache_tensors():
+            layer.keys, layer.values = layer.keys[:, :, :new_len], layer.values[:, :, :new_len]
+
+    def _select(self, keep: torch.Tensor) -> None:
+        """Keep only the cond rows ``keep`` (indices into the active rows) and their uncond partners."""
+        b = self.acc.numel()
+        cache_rows = torch.cat([keep, keep + b]) if self.cfg else keep
+        for layer in self._cache_tensors():
+            layer.keys, layer.values = layer.keys[cache_rows], layer.values[cache_rows]
+        for name in ("acc", "drafts", "q", "out", "out_lp", "steps", "active"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v[keep.to(v.device)])
+        for name in ("plen", "pad", "vlen", "committed"):
+            setattr(self, name, getattr(self, name)[cache_rows])
+
+    # -- the loop
+    def run(self, prompts: list[list[int]], uncond: list[int] | None, seeds: list[int] | None):
+        """prompts: b lists of ids (one per sample) -> (codes int64 [b, N], sampler logprobs float32 [b, N])."""
+        from transformers import DynamicCache
+
+        dev, N, C, W, sp = self.dev, self.N, self.C, self.W, self.sampling
+        b = len(prompts)
+        self.cfg = uncond is not None
+        seqs = prompts + ([uncond] * b if self.cfg else [])
+        Lp = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), Lp), self.engine.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, Lp - len(s) :] = torch.tensor(s)
+        self.plen = torch.tensor([len(s) for s in seqs], device=dev)
+        self.pad = Lp - self.plen
+        self.vlen = torch.zeros_like(self.plen)  # nothing cached yet
+        self.committed = ids.to(dev)  # the whole prompt block goes in with the first pass
+        self.cache = DynamicCache(config=self.hf.config)
+        self.gens = None
+        if seeds is not None:
+            self.gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        self.active = torch.arange(b)  # index into gens / final outputs
+        self.acc = torch.zeros(b, dtype=torch.long, device=dev)
+        self.steps = torch.zeros(b, dtype=torch.long, device=dev)
+        self.out = torch.zeros(b, N + W + 1, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(b, N + W + 1, dtype=torch.float32, device=dev)
+        final_codes = torch.zeros(b, N, dtype=torch.long, device=dev)
+        final_lp = torch.zeros(b, N, dtype=torch.float32, device=dev)
+
+        # first drafts: nothing computed yet, so the proposal is uniform over the codebook
+        w = min(W, N)
+        self.q = None if self.greedy else torch.full((b, w, C), -math.log(C), device=dev)
+        u0 = None if self.greedy else self._uniforms(W)[:, :w]
+        self.drafts = self._draw(self.q, u0) if not self.greedy else torch.zeros(b, w, dtype=torch.long, device=dev)
+        self.stats.plain_steps += N
+
+        while self.acc.numel():
+            b, w = self.acc.numel(), self.drafts.shape[1]
+            T = self.cache.get_seq_length()
+            m = self.committed.shape[1]
+            # -- one forward: committed tokens + drafts, for every cache row
+            draft_ids = self.drafts + self.engine.layout.visual_offset
+            inp = torch.cat([self.committed, torch.cat([draft_ids, draft_ids]) if self.cfg else draft_ids], 1)
+            # valid: each row's run [pad, vlen) of cached columns, then every new column except prompt padding
+            cols = torch.arange(T + m + w, device=dev)
+            mask = ((cols >= self.pad[:, None]) & ((cols < self.vlen[:, None]) | (cols >= T))).long()
+            if T == 0:  # prompt block: position 0 at each row's first real token
+                prompt_pos = (torch.arange(m, device=dev)[None] - self.pad[:, None]).clamp(min=0)
+            else:  # the last accepted visual token, index acc - 1
+                acc_r = torch.cat([self.acc, self.acc]) if self.cfg else self.acc
+                prompt_pos = (self.plen + acc_r - 1)[:, None]
+            acc_r = torch.cat([self.acc, self.acc]) if self.cfg else self.acc
+            draft_pos = (self.plen + acc_r)[:, None] + torch.arange(w, device=dev)
+            logits = self._logits(inp, mask, torch.cat([prompt_pos, draft_pos], 1), keep=w + 1)
+            self.stats.forward_steps += 1
+            self.steps += 1
+            cond, unc = (logits[:b], logits[b:]) if self.cfg else (logits, None)
+            p = final_logprobs(cond, unc, sp)  # [b, w + 1, C]: targets at positions acc .. acc + w
+
+            # -- scan: leading run of accepted drafts
+            u = None if self.greedy else self._uniforms(2 * W + 1)
+            offs = torch.arange(w, device=dev)
+            in_range = self.acc[:, None] + offs < N  # [b, w]
+            lp_d = p[:, :w].gather(-1, self.drafts[..., None]).squeeze(-1)  # [b, w]
+            if self.greedy:
+                ok = self.drafts == p[:, :w].argmax(-1)
+            elif self.rule == "always":
+                ok = torch.ones_like(in_range)
+            else:
+                lq_d = self.q.gather(-1, self.drafts[..., None]).squeeze(-1)
+                ok = torch.log(u[:, :w]) < lp_d - lq_d
+            ok &= in_range
+            na = ok.long().cumprod(-1).sum(-1)  # [b] accepted drafts
+            need = self.acc + na < N  # a new token at position acc + na
+            rows = torch.arange(b, device=dev)
+            p_new = p[rows, na]  # [b, C]
+            if self.greedy:
+                new = p_new.argmax(-1)
+            else:
+                target = p_new.exp()
+                if self.rule == "speculative":
+                    q_new = torch.zeros_like(target)
+                    rejected = na < w  # a draft was checked and refused (vs: every draft passed -> bonus from p)
+                    q_new[rejected] = self.q[rows[rejected], na[rejected]].exp()
+                    resid = (target - q_new).clamp_(min=0)
+                    # the residual is empty only by rounding (p == q makes rejection impossible): fall back to p
+                    empty = resid.sum(-1) <= 0
+                    resid[empty] = target[empty]
+                    target = resid
+                new, _ = sample_from_logprobs(target.log(), u[:, W])
+            lp_new = p_new.gather(-1, new[:, None]).squeeze(-1)
+
+            # -- record: drafts 0..na-1 then the new token at na (later columns are scratch, rewritten later)
+            vals = torch.cat([self.drafts, self.drafts.new_zeros(b, 1)], 1).scatter_(1, na[:, None], new[:, None])
+            lvals = torch.cat([lp_d, lp_d.new_zeros(b, 1)], 1).scatter_(1, na[:, None], lp_new[:, None])
+            cols_out = self.acc[:, None] + torch.arange(w + 1, device=dev)
+            self.out.scatter_(1, cols_out, vals)
+            self.out_lp.scatter_(1, cols_out, lvals)
+            gained = na + need.long()
+            self._count(ok, na, in_range, gained)
+
+            # -- cache: keep committed + accepted drafts of each row, left-aligned after its valid run
+            na_r = torch.cat([na, na]) if self.cfg else na
+            dst = self.vlen.clone()
+            self.vlen = self.vlen + m + na_r
+            self._compact(T, m + w, dst, int(self.vlen.max()))
+            self.acc = self.acc + gained
+
+            # -- finished rows leave
+            done = self.acc >= N
+            if bool(done.any()):
+                idx = self.active[done.cpu()].to(dev)
+                final_codes[idx] = self.out[done, :N]
+                final_lp[idx] = self.out_lp[done, :N]
+                self.stats.row_steps += self.steps[done].tolist()
+                keep = (~done).nonzero().squeeze(-1)
+                p, na, u = p[keep], na[keep], (None if u is None else u[keep])
+                self._select(keep)
+                if not self.acc.numel():
+                    break
+                self._crop(int(self.vlen.max()))
+            b = self.acc.numel()
+
+            # -- next window: re-draft what follows the new token from this pass's p, new positions from init
+            w_next = min(W, int((N - self.acc).max()))
+            src = na[:, None] + 1 + torch.arange(w_next, device=dev)  # index into this pass's p [b, w + 1, C]
+            fresh = src > w
+            src = src.clamp(max=w)
+            rows = torch.arange(b, device=dev)[:, None]
+            q_next = p[rows, src]  # [b, w_next, C]
+            if self.init == "uniform" and bool(fresh.any()):
+                q_next[fresh] = -math.log(C)
+            # (init "last": a fresh position takes p at the last window position, src clamped to w)
+            self.drafts = self._draw(q_next, None if u is None else u[:, W + 1 : W + 1 + w_next])
+            self.q = None if self.greedy else q_next
+            last = self.out.gather(1, (self.acc - 1)[:, None]) + self.engine.layout.visual_offset
+            self.committed = torch.cat([last, last]) if self.cfg else last
+
+        self.cache = None
+        return final_codes, final_lp
+
+    def _count(self, ok, na, in_range, gained) -> None:
+        w = ok.shape[1]
+        offs = torch.arange(w, device=ok.device)
+        tested = (offs[None] <= na[:, None]) & in_range
+        accepted = offs[None] < na[:, None]
+        t, a = tested.sum(0).tolist(), accepted.sum(0).tolist()
+        for j in range(w):
+            self.stats.tested[j] += t[j]
+            self.stats.accepted[j] += a[j]
+        for k in gained.tolist():
+            self.stats.tokens_per_pass[k] += 1
