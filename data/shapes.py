@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+# GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged
+from rewards.geneval import relative_position
+
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 SPLITS = ("train", "heldout")
@@ -53,10 +56,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 BACKGROUND = (128, 128, 128)
-
-# GenEval's box-centre margin (fraction of the two boxes' summed sizes) for relative positions.
-POSITION_THRESHOLD = 0.1
-
 
 # ---- shape rasteriser ----------------------------------------------------------------------------------------------
 def _grid_uv(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,75 +102,9 @@ def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
     return SHAPE_MASKS[shape](int(w), int(h if h is not None else w))
 
 
-# ---- GenEval geometry ----------------------------------------------------------------------------------------------
-def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """GenEval's relation of box A to box B (boxes (x0, y0, x1, y1), y down): centre offset shrunk per axis by
-    ``threshold`` x (summed box sizes), then a relation holds when its axis carries > 0.5 of the offset's norm."""
-    a = np.asarray(box_a, dtype=np.float64).reshape(2, 2)
-    b = np.asarray(box_b, dtype=np.float64).reshape(2, 2)
-    offset = a.mean(0) - b.mean(0)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
-
-
-def check_spec(spec: dict, detections, threshold: float = 0.3, counting_threshold: float = 0.9,
-               max_objects: int = 16) -> tuple[bool, str]:
-    """Judge one image's detections against a GenEval spec with GenEval's rules -> (correct, reason).
-
-    The production scorer lives in ``rewards.geneval``; this copy of the rules lets the world check itself
-    (renderer records, detector) without it. Detections need ``label``, ``score``, ``box`` and ``color``
-    (colour is judged from the detection, where GenEval runs CLIP on the box crop). The rules: keep boxes above
-    the confidence threshold (0.9 for counting), most confident first; an include needs ``count`` boxes of its
-    class, its colour on all of the ``count`` most confident ones, and its relation to every box of the group it
-    points at; an exclude fails when ``count`` or more boxes of its class remain.
-    """
-    conf = counting_threshold if spec.get("tag") == "counting" else threshold
-    by_class: dict[str, list] = {}
-    for det in sorted(detections, key=lambda d: -float(d.score)):
-        if float(det.score) > conf:
-            by_class.setdefault(det.label, []).append(det)
-    by_class = {k: v[:max_objects] for k, v in by_class.items()}
-    reasons, groups = [], []
-    for req in spec.get("include", []):
-        cls, count = req["class"], int(req["count"])
-        found = by_class.get(cls, [])[:count]
-        ok = len(found) >= count
-        if not ok:
-            reasons.append(f"expected {cls}>={count}, found {len(found)}")
-        elif "color" in req and sum(d.color == req["color"] for d in found) < count:
-            ok = False
-            reasons.append(f"expected {req['color']} {cls}>={count}, found {[d.color for d in found]}")
-        if ok and "position" in req:
-            rel, target = req["position"]
-            if groups[target] is None:
-                ok = False
-                reasons.append(f"no target for {cls} to be {rel}")
-            elif not all(rel in relative_position(d.box, t.box) for d in found for t in groups[target]):
-                ok = False
-                reasons.append(f"expected {cls} {rel} target")
-        groups.append(found if ok else None)
-    for req in spec.get("exclude", []):
-        n = len(by_class.get(req["class"], []))
-        if n >= int(req["count"]):
-            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    return not reasons, "; ".join(reasons)
-
-
 def record_detections(record: dict) -> list:
-    """The renderer's record as perfect detections (score 1), for checking renders against specs."""
+    """The renderer's record as perfect detections (score 1), to judge renders against specs with GenEval's rules
+    (``rewards.geneval.score_image``)."""
     from rewards.detectors.base import Detection
 
     return [Detection(o["class"], 1.0, tuple(o["box"]), o["color"]) for o in record["objects"]]

@@ -16,13 +16,13 @@ from data.shapes import (
     TAGS,
     ShapesWorld,
     blur_and_noise,
-    check_spec,
     perturb_spec,
     shape_mask,
 )
 from models.image_tokenizers.vq import VQTokenizer
 from rewards.detectors.base import DETECTORS, Detection
 from rewards.detectors.shapes import ShapesDetector, connected_components
+from rewards.geneval import score_image
 
 WORLD = ShapesWorld()
 BG = WORLD.background
@@ -55,7 +55,7 @@ def tok():
 
 def _verdicts(det, specs, images=None, detections=None):
     detections = detections if detections is not None else det.detect(images)
-    return [check_spec(s, d)[0] for s, d in zip(specs, detections)]
+    return [score_image(s, d)[0] for s, d in zip(specs, detections)]
 
 
 def _canvas(size=64):
@@ -257,3 +257,17 @@ def test_scores_sorted_and_labels_cover_the_world(clean_detections):
         assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
         labels.update(d.label for d in dets)
     assert set(labels) == set(WORLD.shapes)
+
+
+def test_geneval_reward_with_the_shapes_detector(rendered, clean_detections):
+    import json
+
+    from rewards.base import build_reward
+
+    specs, images, _ = rendered
+    reward = build_reward("geneval", detector="shapes")
+    k = 24
+    rng = np.random.default_rng(3)
+    metas = [json.dumps(s if i % 2 else perturb_spec(WORLD, s, rng)) for i, s in enumerate(specs[:k])]
+    out = reward([json.loads(m)["prompt"] for m in metas], list(images[:k]), metadata=metas)
+    assert list(out) == [float(i % 2) for i in range(k)]

@@ -16,16 +16,15 @@ from data.shapes import (
     TAGS,
     ShapesWorld,
     blur_and_noise,
-    check_spec,
     perturb_spec,
     prompt_for,
     record_detections,
-    relative_position,
     shape_mask,
     spec_from_key,
     vocabulary,
     write_prompt_sets,
 )
+from rewards.geneval import relative_position, score_image
 
 WORLD = ShapesWorld()
 
@@ -163,8 +162,8 @@ def test_render_satisfies_its_spec_for_every_tag(world):
                 assert ax1 + g <= bx0 or bx1 + g <= ax0 or ay1 + g <= by0 or by1 + g <= ay0, (objs[a], objs[b])
         # the pixels are exactly the recorded objects on the background
         assert np.array_equal(img, _redraw(world, rec))
-        ok, why = check_spec(spec, record_detections(rec))
-        assert ok, (spec["prompt"], why)
+        ok, details = score_image(spec, record_detections(rec))
+        assert ok, (spec["prompt"], details["reasons"])
 
 
 def test_perturbed_specs_are_not_satisfied():
@@ -174,7 +173,7 @@ def test_perturbed_specs_are_not_satisfied():
         _, rec = WORLD.render(spec, seed=j)
         bad = perturb_spec(WORLD, spec, rng)
         assert bad["prompt"] != spec["prompt"] and bad["tag"] == spec["tag"]
-        ok, _ = check_spec(bad, record_detections(rec))
+        ok, _ = score_image(bad, record_detections(rec))
         assert not ok, (spec["prompt"], "->", bad["prompt"])
         kinds[next(k for k in ("class", "color", "count", "position") if _changed(spec, bad, k))] += 1
     assert set(kinds) == {"class", "color", "count", "position"}
