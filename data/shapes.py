@@ -16,9 +16,10 @@ Prompts follow GenEval's schema and phrasing for its six tags::
     position       second object {"position": ["left of", 0]} relative to the first     a photo of a square left of a circle
     color_attr     two objects, each with a colour                                      a photo of a red circle and a blue square
 
-The held-out split holds compositions that never appear as a training prompt: some colour-shape pairs (in
-``colors`` and ``color_attr``), one single-object class, one count per class, one order of each pair of classes
-and one relation per ordered pair. Objects whose colour a prompt leaves free may take any colour, in both splits.
+The held-out split holds compositions that never appear as a training prompt (``ShapesWorld.is_heldout``): some
+colour-shape pairs (in ``colors`` and ``color_attr``), one single-object class, one count per class, one order of
+some pairs of classes and one relation per ordered pair. Objects whose colour a prompt leaves free may take any
+colour in both splits, so every (mask, colour) patch is seen in training images.
 """
 
 from __future__ import annotations
@@ -258,6 +259,10 @@ class ShapesWorld:
         raise ValueError(f"unknown tag {tag!r}; known: {list(TAGS)}")
 
     def is_heldout(self, tag: str, key: tuple) -> bool:
+        """Whether composition ``key`` of ``tag`` belongs to the held-out split. Held out: the last class alone
+        (single_object); one order of each pair of neighbouring classes (two_object); one count per class
+        (counting); the ``heldout_pairs`` (colors, and color_attr when either object is one); one relation per
+        ordered pair of classes (position). Every word and every class keeps training prompts of each tag."""
         s = self.shapes
         if tag == "single_object":
             return key[0] == s[-1]
@@ -277,6 +282,7 @@ class ShapesWorld:
         raise ValueError(f"unknown tag {tag!r}; known: {list(TAGS)}")
 
     def split_compositions(self, split: str, tag: str) -> list[tuple]:
+        """The compositions of ``tag`` in ``split`` ("train" or "heldout"), in ``compositions`` order."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
         want = split == "heldout"
