@@ -73,6 +73,12 @@ def _coerce(value: Any, tp, key: str, source: str | None):
             raise ConfigError(f"{_where(source, key)}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept any spelling float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(source, key)}: expected float, got {value!r}")
         return float(value)
@@ -123,7 +129,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {item!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML, except that numbers like ``1e-5`` (a string to YAML 1.1) become floats."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -61,3 +61,10 @@ def test_describe_documents_every_key():
     text = describe(Outer)
     for key in ("lr", "steps", "inner.beta", "inner.names", "learning rate", "KL weight"):
         assert key in text
+
+
+def test_exponent_floats_without_dot(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1e-5\n")
+    assert load_config(Outer, p).lr == 1e-5
+    assert load_config(Outer, None, ["lr=3e-5"]).lr == 3e-5
