@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -144,6 +146,11 @@ def _process_state_kept():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+class _NoChatWarmupWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
+
 @dataclass
 class _Pair:
     row: int  # output row (prompt order)
@@ -155,6 +162,8 @@ class _Pair:
 @register_engine("vllm")
 class VLLMEngine:
     """RolloutEngine on vLLM.
+
+    ``loads_checkpoint``: RolloutWorker hands this engine the checkpoint directory, not a model object.
 
     Args:
         policy: a checkpoint dir: a Hugging Face model dir (config.json + safetensors), e.g. written by
@@ -169,6 +178,8 @@ class VLLMEngine:
         uncond_prompt_ids: token ids of the unconditional prompt (default: ``layout.uncond_prompt`` tokenized).
         options: VLLMEngineOptions; other keyword arguments override its fields.
     """
+
+    loads_checkpoint = True
 
     def __init__(
         self,
@@ -203,6 +214,8 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self._uncond_default = list(uncond_prompt_ids) if uncond_prompt_ids is not None else None
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="argrpo-vllm-"))
+        # Adapter versions and exported models live here; removed with the engine or at interpreter exit.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._adapter_dir), True)
         initial_adapter = None
         self._tokenizer_dir = None
         if isinstance(policy, (str, Path)):
@@ -282,6 +295,8 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gib * _GiB)
         if o.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=o.max_lora_rank, max_loras=1)
+        # Without a tokenizer vLLM's chat-template warm-up fails and logs a traceback; nothing here chats.
+        logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmupWarning())
         return LLM(**kwargs)
 
     def _read_scheduler_limits(self) -> None:
@@ -322,6 +337,10 @@ class VLLMEngine:
             tokenizer.
         Returns completion_ids int64 [P*n, N], logprobs float32 [P*n, N].
         """
+        if sampling.jacobi:
+            raise NotImplementedError(
+                "Jacobi decoding is not available in the vLLM engine; use sampling.jacobi=False"
+            )
         t0 = time.perf_counter()
         prompt_ids = self._check_prompts(prompt_ids, "prompt_ids")
         n, N = sampling.n, self.layout.n_image_tokens
@@ -332,15 +351,20 @@ class VLLMEngine:
         else:
             seed = sampling.seed
         rows = [(p, p * n + j) for p in range(len(prompt_ids)) for j in range(n)]
+        # Greedy samples of one prompt are identical: decode each prompt once and repeat it n times.
+        run = [(p, p) for p in range(len(prompt_ids))] if sampling.greedy else rows
         if sampling.use_cfg:
             uncond = self._uncond_ids(uncond_prompt_ids, len(prompt_ids), sampling)
             pairs = [
-                _Pair(row, prompt_ids[p], uncond[p], None if seed is None else seed + row) for p, row in rows
+                _Pair(row, prompt_ids[p], uncond[p], None if seed is None else seed + row) for p, row in run
             ]
             tokens, logprobs = self._run_pairs(pairs, sampling)
         else:
-            seeds = [None if seed is None else seed + row for _, row in rows]
-            tokens, logprobs = self._run_solo([prompt_ids[p] for p, _ in rows], seeds, sampling)
+            seeds = [None if seed is None else seed + row for _, row in run]
+            tokens, logprobs = self._run_solo([prompt_ids[p] for p, _ in run], seeds, sampling)
+        if sampling.greedy and n > 1:
+            tokens = [t for t in tokens for _ in range(n)]
+            logprobs = [lp for lp in logprobs for _ in range(n)]
         self.stats["calls"] += 1
         return Rollout(
             prompt_ids=[list(prompt_ids[p]) for p, _ in rows],
@@ -598,12 +622,7 @@ class VLLMEngine:
                     f"load_weights needs the full state dict of {self.checkpoint}: missing {missing[:6]}"
                     f"{' ...' if len(missing) > 6 else ''}, unknown {unknown[:6]}{' ...' if len(unknown) > 6 else ''}"
                 )
-        tensors = {
-            k: v.detach().to("cpu")
-            if v.device.type != "cpu" and not torch.cuda.is_available()
-            else v.detach()
-            for k, v in sd.items()
-        }
+        tensors = {k: v.detach() for k, v in sd.items()}  # vLLM's loaders copy (and cast) into its own params
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         else:
@@ -659,11 +678,7 @@ class VLLMEngine:
             import gc
 
             gc.collect()
-        shutil.rmtree(self._adapter_dir, ignore_errors=True)
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        self._cleanup()
 
 
 def _sampled_logprobs(completion) -> list[float]:

@@ -164,18 +164,18 @@ class VisualCFGLogitsProcessor(LogitsProcessor):
         device = logits.device
         for group, rows in solos.items():
             idx = torch.tensor(rows, device=device)
+            # gather only the [rows, C] visual block, never whole [rows, V] rows
             logp = final_logprobs(
-                logits.index_select(0, idx)[:, group[0] : group[1]], None, _sampling_for(group)
+                logits[:, group[0] : group[1]].index_select(0, idx), None, _sampling_for(group)
             )
             _write(logits, rows, idx, group, logp)
         for group, cu in pairs.items():
             c_idx = torch.tensor([c for c, _ in cu], device=device)
             u_idx = torch.tensor([u for _, u in cu], device=device)
             lo, hi = group[0], group[1]
+            visual = logits[:, lo:hi]
             logp = final_logprobs(
-                logits.index_select(0, c_idx)[:, lo:hi],
-                logits.index_select(0, u_idx)[:, lo:hi],
-                _sampling_for(group),
+                visual.index_select(0, c_idx), visual.index_select(0, u_idx), _sampling_for(group)
             )  # [P, C]: read both rows before either is overwritten
             rows = [c for c, _ in cu] + [u for _, u in cu]
             _write(logits, rows, torch.cat([c_idx, u_idx]), group, torch.cat([logp, logp]))
