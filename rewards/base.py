@@ -382,6 +382,12 @@ class RewardSpec:
     weight: float = field(default=1.0, metadata={"help": "weight of this reward in the composite sum"})
     kwargs: dict = field(default_factory=dict, metadata={"help": "arguments for the reward's constructor"})
     alias: str | None = field(default=None, metadata={"help": "display name (default: name); must be unique"})
+    normalize: str | None = field(default=None, metadata={
+        "help": "this reward's normalisation in a composite: none | batch | running (default: the composite's)"})
+
+    def __post_init__(self):
+        if self.normalize not in (None, "none", "batch", "running"):
+            raise ValueError(f"reward {self.key!r}: normalize must be none, batch or running, got {self.normalize!r}")
 
     @property
     def key(self) -> str:
@@ -432,14 +438,18 @@ class RewardCombiner:
     so every component is logged.
     """
 
-    def __init__(self, weights: Mapping[str, float], normalize: Normalize = "none", eps: float = 1e-6,
-                 name: str = "composite"):
-        if normalize not in ("none", "batch", "running"):
-            raise ValueError(f"composite normalize must be 'none', 'batch' or 'running', got {normalize!r}")
+    def __init__(self, weights: Mapping[str, float], normalize: Normalize | Mapping[str, Normalize] = "none",
+                 eps: float = 1e-6, name: str = "composite"):
         if not weights:
             raise ValueError("composite: no component rewards")
         self.weights = {k: float(w) for k, w in weights.items()}
-        self.normalize = normalize
+        per_key = dict(normalize) if isinstance(normalize, Mapping) else {}
+        default = "none" if isinstance(normalize, Mapping) else normalize
+        # per reward: its own setting, else the composite's
+        self.normalize = {k: per_key.get(k) or default for k in self.weights}
+        for k, mode in self.normalize.items():
+            if mode not in ("none", "batch", "running"):
+                raise ValueError(f"composite normalize of {k!r} must be 'none', 'batch' or 'running', got {mode!r}")
         self.eps = eps
         self.name = name
         self.stats = {k: RunningStats() for k in self.weights}
@@ -460,7 +470,7 @@ class RewardCombiner:
             raw = list(out)
             normed = self._normalise(key, raw)
             extras[key] = raw
-            if self.normalize != "none":
+            if self.normalize[key] != "none":
                 extras[f"{key}/norm"] = normed
             for sub, values in getattr(out, "extras", {}).items():
                 extras[f"{key}/{sub}"] = list(values)
@@ -471,9 +481,10 @@ class RewardCombiner:
 
     def _normalise(self, key: str, values: list[float | None]) -> list[float | None]:
         present = [v for v in values if v is not None]
-        if self.normalize == "none" or not present:
+        mode = self.normalize[key]
+        if mode == "none" or not present:
             return list(values)
-        if self.normalize == "batch":
+        if mode == "batch":
             mean, std = float(np.mean(present)), float(np.std(present))
         else:
             self.stats[key].update(present)
@@ -501,14 +512,16 @@ class CompositeReward(Reward):
         super().__init__(name)
         self.rewards: dict[str, Reward] = {}
         weights: dict[str, float] = {}
+        modes: dict[str, Normalize] = {}
         items = components.items() if isinstance(components, Mapping) else [(None, c) for c in components]
         for key, comp in items:
-            reward, weight, key = _component(key, comp)
+            reward, weight, key, mode = _component(key, comp)
             if key in self.rewards:
                 raise ValueError(f"composite: two components are named {key!r}; give one an alias")
             self.rewards[key] = reward
             weights[key] = weight
-        self.combiner = RewardCombiner(weights, normalize, eps, self.name)
+            modes[key] = mode or normalize
+        self.combiner = RewardCombiner(weights, modes, eps, self.name)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -528,27 +541,28 @@ class CompositeReward(Reward):
         self.combiner.load_state_dict(state)
 
 
-def _component(key: str | None, comp: Any) -> tuple[Reward, float, str]:
+def _component(key: str | None, comp: Any) -> tuple[Reward, float, str, str | None]:
+    """-> (reward, weight, key, its own normalisation or None)."""
     if isinstance(comp, Mapping):
         comp = RewardSpec(**comp)
     if isinstance(comp, str):
         comp = RewardSpec(name=comp)
     if isinstance(comp, RewardSpec):
         key = key or comp.key
-        return build_reward(comp.name, name=key, **comp.kwargs), float(comp.weight), key
+        return build_reward(comp.name, name=key, **comp.kwargs), float(comp.weight), key, comp.normalize
     if isinstance(comp, tuple) and len(comp) == 2:
         reward, weight = comp
         reward = build_reward(reward, name=key)
-        return reward, float(weight), key or reward.name
+        return reward, float(weight), key or reward.name, None
     reward = build_reward(comp, name=key)
-    return reward, 1.0, key or reward.name
+    return reward, 1.0, key or reward.name, None
 
 
 def build_rewards(specs: Sequence[RewardSpec | Mapping | str], normalize: Normalize = "none") -> Reward:
     """A config's reward list -> one reward (the component itself when there is one with weight 1 and no
     normalisation, else a :class:`CompositeReward`)."""
     specs = as_specs(specs)
-    if len(specs) == 1 and specs[0].weight == 1.0 and normalize == "none":
+    if len(specs) == 1 and specs[0].weight == 1.0 and normalize == "none" and specs[0].normalize in (None, "none"):
         s = specs[0]
         return build_reward(s.name, name=s.key, **s.kwargs)
     return CompositeReward(specs, normalize=normalize)

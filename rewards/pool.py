@@ -125,6 +125,7 @@ class RewardPool(Reward):
         self.config = config or RewardPoolConfig()
         if isinstance(rewards, Mapping) and all(callable(v) for v in rewards.values()):
             entries = [(k, None, fn, 1.0) for k, fn in rewards.items()]
+            modes = {}
         else:
             specs = as_specs(rewards)
             known = available_rewards()
@@ -133,10 +134,12 @@ class RewardPool(Reward):
                     raise ValueError(f"unknown reward {s.name!r}; registered: {known} "
                                      f"(or name a plugin as 'package.module:function')")
             entries = [(s.key, s, None, s.weight) for s in specs]
+            modes = {s.key: s.normalize for s in specs if s.normalize}
         unknown = set(self.config.resources) - {k for k, *_ in entries}
         if unknown:
             raise ValueError(f"reward pool: resources for unknown rewards {sorted(unknown)}")
-        self.combiner = RewardCombiner({k: w for k, _, _, w in entries}, normalize, name=self.name)
+        self.combiner = RewardCombiner({k: w for k, _, _, w in entries},
+                                       {k: modes.get(k) or normalize for k, *_ in entries}, name=self.name)
         self.actors: dict[str, Any] = {}
         cls = ray.remote(RewardActor)
         for key, spec, fn, _ in entries:

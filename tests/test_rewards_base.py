@@ -237,6 +237,25 @@ def test_composite_batch_and_running_normalisation():
     assert run.state_dict()["a"]["count"] == 4
 
 
+def const_a(prompts, images, **_):
+    return [1.0, 3.0]
+
+
+def const_b(prompts, images, **_):
+    return [10.0, 30.0]
+
+
+def test_per_reward_normalisation():
+    """A spec's own ``normalize`` overrides the composite's: here only ``a`` is z-scored."""
+    comp = CompositeReward([RewardSpec(f"{__name__}:const_a", alias="a", normalize="batch"),
+                            RewardSpec(f"{__name__}:const_b", alias="b", weight=0.5)], normalize="none")
+    out = comp(["p"] * 2, images(2))
+    assert list(out) == pytest.approx([-1.0 + 5.0, 1.0 + 15.0], abs=1e-5)
+    assert "a/norm" in out.extras and "b/norm" not in out.extras
+    with pytest.raises(ValueError, match="normalize must be none, batch or running"):
+        RewardSpec("x", normalize="zscore")
+
+
 def test_composite_names_the_failing_component():
     comp = CompositeReward({"ok": (const([1.0, 1.0]), 1.0), "broken": (const([1.0, float("nan")]), 1.0)})
     with pytest.raises(RewardError, match="reward 'broken'.*score 1 is nan"):
