@@ -233,6 +233,8 @@ class Reward:
         metadata = {k: v for k, v in kwargs.items() if k not in TRL_CONTROL_KEYS}
         if images is None:
             raise RewardError(f"reward {self.name!r}: no 'images' given (a TRL rollout must return an 'images' key)")
+        if "metadata" not in metadata and prompts and all(isinstance(p, Mapping) and "include" in p for p in prompts):
+            metadata["metadata"] = list(prompts)  # the prompt column holds the GenEval rows themselves
         try:
             imgs = as_uint8_images(images)
             texts = as_prompts(prompts, len(imgs))

@@ -327,7 +327,10 @@ class GenEvalReward(Reward):
         results: list[tuple[bool, dict] | None] = [None] * len(specs)
         if not idx:
             return results
-        dets = self.detector([images[i] for i in idx], [spec_classes(specs[i]) for i in idx])
+        batch = [images[i] for i in idx]
+        if len({im.shape for im in batch}) == 1:
+            batch = np.stack(batch)  # the detector protocol's uint8 [B, H, W, 3] when sizes agree
+        dets = self.detector(batch, [spec_classes(specs[i]) for i in idx])
         if len(dets) != len(idx):
             raise RewardError(f"detector {self.detector!r} returned {len(dets)} detection lists for {len(idx)} images")
         lazy = _LazyColor(self)

@@ -274,6 +274,8 @@ def test_geneval_rewards_binary_and_dense():
     assert detector.queries[0] == [["dog", "cat"], ["cup"], ["dog"]]
     assert list(dense(["a", "b", "c"], list(images), metadata=rows)) == [0.5, 1.0, 0.0]
     assert binary.__name__ == "geneval" and dense.__name__ == "geneval_dense"
+    # prompts that are the GenEval rows themselves (a dict prompt column) serve as the metadata
+    assert list(binary(prompts=rows, images=images)) == [0.0, 1.0, 0.0]
     # a row without metadata is "not applicable"
     assert list(binary(["a", "b"], images[:2], metadata=[None, rows[1]])) == [None, 1.0]
 
