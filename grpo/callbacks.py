@@ -20,6 +20,8 @@ def _is_train_log(logs: dict) -> bool:
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step and its split: rollout (waiting for samples), reward, sync, learn.
 
+    ``cpu/<phase>`` are process CPU seconds (every thread; robust to other processes sharing the machine).
+
     learn = step - rollout - reward - sync: the learner's forward/backward passes (old/ref log-probs included),
     the optimizer step and TRL's bookkeeping. Decoding runs inside the rollout workers, so ``time/decode`` and
     ``time/rollout_generate`` are the workers' own figures (parts of ``time/rollout`` in sync mode, overlapped
@@ -31,16 +33,18 @@ class StepTimer(TrainerCallback):
         self._t0 = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is None:
             return
-        total = time.perf_counter() - self._t0
-        t = self.stats.times
+        total, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        t, c = self.stats.times, self.stats.cpu
         learn = total - t.get("rollout", 0.0) - t.get("reward", 0.0) - t.get("sync", 0.0)
-        self.stats.add_time("step", total)
-        self.stats.add_time("learn", max(0.0, learn))
+        # in sync mode nothing else runs during learning, so the remaining process CPU time is the learner's
+        learn_cpu = cpu - c.get("rollout", 0.0) - c.get("reward", 0.0)
+        self.stats.add_time("step", total, cpu=cpu)
+        self.stats.add_time("learn", max(0.0, learn), cpu=max(0.0, learn_cpu))
         self._t0 = None
 
 
@@ -60,6 +64,24 @@ class WeightPusher(TrainerCallback):
             return
         self.sync.ensure(self.trainer.model, state.global_step)
         self.stats.add_time("sync", self.sync.take_seconds())
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training after ``minutes`` of wall time or of this process's CPU time (evaluation and checkpoint time
+    excluded: they are booked by their callbacks as ``time/eval`` / ``time/checkpoint``)."""
+
+    def __init__(self, minutes: float, clock: str, stats: StepStats):
+        self.limit, self.clock, self.stats = 60.0 * minutes, clock, stats
+        self.used = 0.0
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        key = "cpu/step" if self.clock == "cpu" else "step"
+        self.used = self.stats.totals.get(key, 0.0)
+        self.stats.set("budget/used_minutes", self.used / 60.0)
+        if self.used >= self.limit:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
 
 class MetricsJsonl(TrainerCallback):

@@ -2,7 +2,7 @@
 
 Sections (YAML keys; any key can be overridden with ``--set section.key=value``)::
 
-    output_dir, seed, threads, device
+    output_dir, seed, threads, device, budget_minutes, budget_clock
     policy:      models.policy.PolicyConfig    checkpoint, layout, full or LoRA (policy.lora.*)
     rollout:     rollout.pool.RolloutConfig    engine, num_workers, mode (sync | async), sampling (SamplingParams)
     rewards:     list of RewardSpec            name or 'package.module:function', weight, kwargs, alias
@@ -245,6 +245,11 @@ class GRPORunConfig:
     seed: int = field(default=0, metadata={"help": "seeds the data order, sampling and TRL"})
     threads: int | None = field(default=None, metadata={"help": "torch threads of the learner (default: env/cores)"})
     device: str = field(default="auto", metadata={"help": "learner device: auto, cpu, cuda"})
+    budget_minutes: float | None = field(
+        default=None, metadata={"help": "stop after this many minutes of training (None: run grpo.max_steps)"})
+    budget_clock: Literal["wall", "cpu"] = field(
+        default="wall", metadata={"help": "budget clock: wall time, or this process's CPU time (all its threads; "
+                                          "robust when other jobs share the machine)"})
     policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={"help": "the policy"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollouts"})
     rewards: list[RewardSpec] = field(default_factory=list, metadata={"help": "rewards and weights"})
@@ -259,6 +264,8 @@ class GRPORunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "periodic evaluation"})
 
     def __post_init__(self):
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed (e.g. rewards: [{name: geneval_dense}])")
         keys = [r.key for r in self.rewards]

@@ -22,10 +22,10 @@ class TrackedReward:
         self.__name__ = name or getattr(reward, "__name__", type(reward).__name__)
 
     def __call__(self, prompts=None, completions=None, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         images = kwargs.get("images")
         out = self.reward(prompts=prompts, completions=completions, **kwargs)
-        self.stats.add_time("reward", time.perf_counter() - t0)
+        self.stats.add_time("reward", time.perf_counter() - t0, cpu=time.process_time() - c0)
         scores = list(out)
         self.stats.set(f"rewards/{self.__name__}/skipped", float(all(s is None for s in scores)))
         if images is not None:

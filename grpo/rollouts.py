@@ -86,7 +86,7 @@ class RolloutSource:
         version = int(trainer.state.global_step)
 
         sync_s = self.sync.take_seconds()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pending, self._pending = self._pending, None
         if pending is not None and k is not None and pending[0] == k and pending[1] == batch:
             rollout = pending[2].result()  # sampled while the learner trained the previous step
@@ -100,6 +100,7 @@ class RolloutSource:
             rollout = self.pool.generate(batch, G, self._sampling(kk))
         pushed = self.sync.take_seconds()
         wait = time.perf_counter() - t0 - pushed  # the push is accounted as sync, not as waiting for samples
+        cpu = time.process_time() - c0
         sync_s += pushed
         self._calls += 1
 
@@ -117,7 +118,7 @@ class RolloutSource:
         if len(rollout) != len(flat):
             raise ValueError(f"rollout: the pool returned {len(rollout)} samples for {len(flat)} requested")
         s = self.stats
-        s.add_time("rollout", wait)
+        s.add_time("rollout", wait, cpu=cpu)
         s.add_time("sync", sync_s + self.sync.take_seconds())
         s.add_time("rollout_generate", rollout.timings.get("generate", 0.0))
         s.add_time("decode", rollout.timings.get("decode", 0.0))

@@ -16,13 +16,18 @@ class StepStats:
 
     def __init__(self):
         self.times: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.values: dict[str, float] = {}
         self.batch: dict | None = None  # {"prompts": [B], "images": [B], "scores": {reward: [B]}}
         self.totals: dict[str, float] = defaultdict(float)  # run totals of the timings, for the final summary
 
-    def add_time(self, key: str, seconds: float) -> None:
+    def add_time(self, key: str, seconds: float, cpu: float | None = None) -> None:
+        """Wall seconds (``time/<key>``) and optionally process CPU seconds, all threads (``cpu/<key>``)."""
         self.times[key] += float(seconds)
         self.totals[key] += float(seconds)
+        if cpu is not None:
+            self.cpu[key] += float(cpu)
+            self.totals[f"cpu/{key}"] += float(cpu)
 
     def set(self, key: str, value: float) -> None:
         self.values[key] = float(value)
@@ -46,7 +51,9 @@ class StepStats:
 
     def take(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.times.items()}
+        out.update({f"cpu/{k}": v for k, v in self.cpu.items()})
         out.update(self.values)
         self.times = defaultdict(float)
+        self.cpu = defaultdict(float)
         self.values = {}
         return out

@@ -267,6 +267,10 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
         # checkpoints go before the log line of their step is written, after timing (its own time is logged)
         trainer.callback_handler.callbacks.insert(
             trainer.callback_handler.callbacks.index(callbacks["timer"]) + 1, callbacks["checkpoints"])
+    if cfg.budget_minutes:
+        callbacks["budget"] = cb.TimeBudget(cfg.budget_minutes, cfg.budget_clock, stats)
+        trainer.callback_handler.callbacks.insert(
+            trainer.callback_handler.callbacks.index(callbacks["timer"]) + 1, callbacks["budget"])
     if cfg.rollout.mode == "sync":
         callbacks["push"] = cb.WeightPusher(trainer, sync, stats)
         # before the timer, so the push is inside the step's wall time and booked as sync

@@ -1,0 +1,154 @@
+"""GRPO on the shapes world: held-out GenEval-style score of SFT vs GRPO, sync vs async, several seeds.
+
+    python -m bench.grpo_shapes --sft runs/shapes/sft --seeds 0 1 --modes sync async --budget-minutes 10
+
+Each (mode, seed) run trains recipes/configs/shapes/grpo.yaml from the SFT checkpoint for a fixed budget of
+process CPU time (robust when other jobs share the machine; ``--clock wall`` for wall time), evaluating the
+held-out set every ``--eval-every`` steps with the recipe's pinned eval settings (120 prompts x 4 samples; the
+evaluation's own time is not counted). Writes bench/results/grpo_shapes.{json,md} and grpo_shapes_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "shapes" / "grpo.yaml"
+
+
+def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str, eval_every: int,
+            overrides: list[str]) -> dict:
+    from grpo.config import GRPORunConfig
+    from grpo.trainer import train
+    from recipes.config import load_config
+
+    sets = [f"output_dir={out}", f"policy.checkpoint={sft}", f"seed={seed}", f"rollout.mode={mode}",
+            f"budget_minutes={budget}", f"budget_clock={clock}", "grpo.max_steps=100000",
+            f"eval.every={eval_every}", "logging.progress=false", "checkpoint.every=0"] + overrides
+    cfg = load_config(GRPORunConfig, RECIPE, sets)
+    t0, c0 = time.time(), time.process_time()
+    summary = train(cfg)
+    summary["wall_s"], summary["cpu_s"] = time.time() - t0, time.process_time() - c0
+    summary["metrics"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary
+
+
+def evaluate_policy(path: str, eval_cfg) -> dict:
+    from grpo import evaluate as ev
+    from models.policy import load_policy
+
+    specs, _ = ev.load_prompt_set(eval_cfg.prompts, eval_cfg.shapes_per_tag, eval_cfg.shapes_seed)
+    result = ev.evaluate(load_policy(path), None, specs, eval_cfg.settings)
+    return {"overall": result.overall, "se": result.overall_stderr,
+            "tags": {t: {"acc": s.accuracy, "se": s.stderr} for t, s in result.tags.items()}}
+
+
+def plot(runs: list[dict], sft_score: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    colors = {"sync": "tab:blue", "async": "tab:orange"}
+    styles = ["-", "--", ":", "-."]
+    for r in runs:
+        m = r["metrics"]
+        steps = [x["step"] for x in m]
+        rew = [x.get("reward") for x in m]
+        k = 5  # moving average over 5 steps
+        smooth = [sum(v for v in rew[max(0, i - k + 1): i + 1]) / len(rew[max(0, i - k + 1): i + 1])
+                  for i in range(len(rew))]
+        label = f"{r['mode']} seed {r['seed']}"
+        ls = styles[r["seed"] % len(styles)]
+        axes[0].plot(steps, smooth, ls, color=colors[r["mode"]], label=label)
+        cpu = [sum(x.get("cpu/step", 0.0) for x in m[: i + 1]) / 60 for i in range(len(m))]
+        axes[1].plot(cpu, smooth, ls, color=colors[r["mode"]], label=label)
+        ev = r["eval_curve"]
+        axes[2].errorbar([s for s, _, _ in ev], [v for _, v, _ in ev], yerr=[e for _, _, e in ev], fmt="o" + ls,
+                         color=colors[r["mode"]], label=label, capsize=2)
+    axes[0].set(xlabel="step", ylabel="train reward (geneval_dense, 5-step mean)", title="reward vs step")
+    axes[1].set(xlabel="learner process CPU minutes", ylabel="train reward", title="reward vs CPU time")
+    axes[2].axhline(sft_score, color="gray", lw=1, label="SFT")
+    axes[2].set(xlabel="step", ylabel="held-out GenEval-style score (± SE)", title="held-out score")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft", default="runs/shapes/sft")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--modes", nargs="+", default=["sync", "async"])
+    p.add_argument("--budget-minutes", type=float, default=10.0)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--out", default="runs/bench_grpo_shapes")
+    p.add_argument("--results", default=None, help="results directory (default bench/results)")
+    p.add_argument("--name", default="grpo_shapes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
+    args = p.parse_args(argv)
+
+    from bench.common import environment, write_results
+    from grpo.config import GRPORunConfig
+    from recipes.config import load_config
+
+    eval_cfg = load_config(GRPORunConfig, RECIPE, [f"policy.checkpoint={args.sft}"]).eval
+    out = Path(args.out)
+    sft = evaluate_policy(args.sft, eval_cfg)
+    runs, rows = [], []
+    for mode in args.modes:
+        for seed in args.seeds:
+            s = run_one(args.sft, mode, seed, out / f"{mode}_seed{seed}", args.budget_minutes, args.clock,
+                        args.eval_every, args.overrides)
+            final = evaluate_policy(s["final"], eval_cfg)
+            curve = [(st, v["score"], v.get("score_se", 0.0)) for st, v in s["eval"]]
+            if not curve or curve[-1][0] != s["steps"]:
+                curve.append((s["steps"], final["overall"], final["se"]))
+            m = s["metrics"]
+            run = {"mode": mode, "seed": seed, "steps": s["steps"], "final": final, "eval_curve": curve,
+                   "wall_s": s["wall_s"], "cpu_s": s["cpu_s"], "time_totals": s["time_totals"], "metrics": m,
+                   "prefetch": s["prefetch"]}
+            runs.append(run)
+            n = max(1, len(m))
+            avg = {k: sum(x.get(k, 0.0) for x in m) / n
+                   for k in ("time/step", "time/rollout", "time/reward", "time/learn", "time/sync", "cpu/step")}
+            rows.append({
+                "mode": mode, "seed": seed, "steps": s["steps"],
+                "SFT": f"{sft['overall']:.3f} ± {sft['se']:.3f}",
+                "GRPO": f"{final['overall']:.3f} ± {final['se']:.3f}",
+                "delta": round(final["overall"] - sft["overall"], 3),
+                "train reward first→last(5)": f"{sum(x['reward'] for x in m[:5]) / min(5, n):.3f}→"
+                                              f"{sum(x['reward'] for x in m[-5:]) / min(5, n):.3f}",
+                "cpu s/step": round(avg["cpu/step"], 2), "wall s/step": round(avg["time/step"], 2),
+                "rollout/reward/learn/sync s": "/".join(f"{avg[k]:.2f}" for k in
+                                                        ("time/rollout", "time/reward", "time/learn", "time/sync")),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    tags = sorted(sft["tags"])
+    tag_rows = [{"policy": "SFT", **{t: f"{sft['tags'][t]['acc']:.3f} ± {sft['tags'][t]['se']:.3f}" for t in tags}}]
+    for r in runs:
+        tag_rows.append({"policy": f"GRPO {r['mode']} seed {r['seed']}",
+                         **{t: f"{r['final']['tags'][t]['acc']:.3f} ± {r['final']['tags'][t]['se']:.3f}"
+                            for t in tags}})
+    results_dir = Path(args.results) if args.results else None
+    png = (results_dir or Path(__file__).resolve().parent / "results") / f"{args.name}_curves.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, sft["overall"], png)
+    notes = [f"budget: {args.budget_minutes} min of {args.clock} time per run; held-out: {eval_cfg.prompts} "
+             f"({eval_cfg.shapes_per_tag}/tag) x {eval_cfg.settings.sampling.n} samples, cfg "
+             f"{eval_cfg.settings.sampling.cfg_scale}, seed {eval_cfg.settings.sampling.seed}; SE over prompts",
+             "per-tag accuracy:", "", *__import__("bench.common", fromlist=["x"]).markdown_table(tag_rows).split("\n"),
+             "", f"curves: {png.name}", f"overrides: {args.overrides}"]
+    write_results(args.name, {"sft": sft, "runs": runs, "args": vars(args), "environment": environment(1)}, rows,
+                  notes=notes, out_dir=results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
