@@ -46,9 +46,14 @@ class _PooledScores:
     the actors at once, each function then returns its own reward's scores (so TRL still logs each reward)."""
 
     def __init__(self, specs, config):
+        import os
+        import sys
+
         from rewards.pool import RewardPool
 
-        self.pool = RewardPool(list(specs), config=config)
+        # plugin rewards ('module:function') are imported inside the actors: give them the driver's import path
+        path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        self.pool = RewardPool(list(specs), config=config, runtime_env={"env_vars": {"PYTHONPATH": path}})
         self._key = None
         self._components = None
         self.closed = False

@@ -225,3 +225,40 @@ def test_train_entry_point_with_plugin_reward_from_yaml(world, plugins, tmp_path
 
     loaded = load_policy(out / "final")
     assert loaded.layout == world["layout"]
+
+
+def test_ray_rollout_workers_and_reward_actors(world, plugins, tmp_path, ray_cluster):
+    """The same run on real Ray: one rollout actor (async, so it samples while the learner trains) and one reward
+    actor per reward, all rewards of a batch scored concurrently; per-reward metrics still come out."""
+    cfg = make_cfg(world, tmp_path, **{
+        "rollout.num_workers": 1, "rollout.mode": "async", "grpo.max_steps": 2, "reward_actors": True,
+        "rewards": "[{name: 'user_rewards:redness', weight: 1.0}, {name: geneval_dense, weight: 0.5}]"})
+    run = build_run(cfg)
+    try:
+        run.trainer.train()
+    finally:
+        run.close()
+    logs = train_logs(run.trainer)
+    assert [h["rollout/staleness"] for h in logs] == [0, 1]
+    for h in logs:
+        assert h["reward"] == pytest.approx(h["rewards/redness/mean"] + 0.5 * h["rewards/geneval_dense/mean"],
+                                            abs=1e-5)
+        assert math.isfinite(h["loss"])
+    assert run.source.prefetch_hits == 1
+
+
+def test_periodic_heldout_evaluation_is_logged(world, plugins, tmp_path):
+    cfg = make_cfg(world, tmp_path, **{
+        "grpo.max_steps": 2, "eval.every": 2, "eval.prompts": str(world["heldout"]), "eval.limit": 3,
+        "eval.settings": "{sampling: {n: 2, seed: 0, temperature: 1.0}, progress: false}"})
+    run = build_run(cfg)
+    try:
+        run.trainer.train()
+    finally:
+        run.close()
+    history = run.callbacks["eval"].history
+    assert [s for s, _ in history] == [0, 2]  # before training, then every 2 steps
+    assert all(0.0 <= v["score"] <= 1.0 and "score_se" in v for _, v in history)
+    logs = train_logs(run.trainer)
+    assert "eval/score" in logs[0] and "eval/score" in logs[1] and "time/eval" in logs[1]
+    assert logs[1]["eval/score"] == history[1][1]["score"]
