@@ -276,8 +276,11 @@ def test_split_pairs_are_rerun_and_exact(engine, world):
         split_g = engine.generate(world["prompts"], greedy, uncond_prompt_ids=world["uncond"])
         after_greedy = engine.stats["pairs_rerun"]
         split_s = engine.generate(world["prompts"], sampled, uncond_prompt_ids=world["uncond"])
+        engine.options.max_retries = 0
+        with pytest.raises(RuntimeError, match="lockstep"):  # a split that may not be re-run is an error
+            engine.generate(world["prompts"], greedy, uncond_prompt_ids=world["uncond"])
     finally:
-        engine.options.max_pairs_per_call = None
+        engine.options.max_pairs_per_call, engine.options.max_retries = None, 3
         reruns, engine.stats["pairs_rerun"] = engine.stats["pairs_rerun"], 0
     print(f"\nsplit pairs re-run: {after_greedy} (greedy call), {reruns - after_greedy} (sampled call)")
     assert after_greedy >= 1 and reruns - after_greedy >= 1  # the scheduler really split pairs

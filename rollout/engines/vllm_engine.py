@@ -199,17 +199,12 @@ class VLLMEngine:
                     f"unknown VLLMEngine options {sorted(unknown)}; valid: {sorted(VLLMEngineOptions.__dataclass_fields__)}"
                 )
             self.options = replace(self.options, **kw)
-        dev = torch.device(
-            "cuda"
-            if str(device) == "auto" and torch.cuda.is_available()
-            else "cpu"
-            if str(device) == "auto"
-            else device
-        )
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
         if (dev.type == "cuda") != torch.cuda.is_available():
-            raise ValueError(
-                f"VLLMEngine device {str(device)!r}, but vLLM here runs on {'cuda' if torch.cuda.is_available() else 'cpu'}"
-            )
+            where = "cuda" if torch.cuda.is_available() else "cpu"
+            raise ValueError(f"VLLMEngine device {str(device)!r}, but vLLM here runs on {where}")
         self.device = dev
         self.tokenizer = tokenizer
         self._uncond_default = list(uncond_prompt_ids) if uncond_prompt_ids is not None else None
@@ -464,18 +459,18 @@ class VLLMEngine:
                         tokens[p.row], logprobs[p.row] = tc, lc
             if not failed:
                 break
+            if attempt == self.options.max_retries:
+                p, why = failed[0]
+                raise RuntimeError(
+                    f"{len(failed)} CFG pair(s) could not be kept in lockstep after {attempt} re-run(s) "
+                    f"(row {p.row}: {why}). The scheduler keeps splitting cond/uncond rows: raise max_num_seqs, "
+                    f"max_num_batched_tokens or the KV cache, or use the in-process engine "
+                    f"(VLLM_ENABLE_V1_MULTIPROCESSING=0)."
+                )
             self.stats["pairs_rerun"] += len(failed)
             todo = [p for p, _ in failed]
             # Re-run in calls the scheduler can hold in one step, halving again if that still split them.
             cap = max(1, min(cap or self.max_num_seqs // 2, self.max_num_seqs // 2) // (2 if attempt else 1))
-        else:
-            p, why = failed[0]
-            raise RuntimeError(
-                f"{len(failed)} CFG pair(s) could not be kept in lockstep after {self.options.max_retries} re-runs "
-                f"(row {p.row}: {why}). The scheduler keeps splitting cond/uncond rows: raise max_num_seqs, "
-                f"max_num_batched_tokens or the KV cache, or use the in-process engine "
-                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0)."
-            )
         order = [p.row for p in pairs]
         return [tokens[r] for r in order], [logprobs[r] for r in order]
 
