@@ -113,6 +113,77 @@ class JacobiStats:
         }
 
 
+# ---- the KV cache ----------------------------------------------------------------------------------------------
+def _compacting_cache(config, capacity: int):
+    """A DynamicCache whose layers write into one preallocated ``[rows, kv_heads, capacity, head_dim]`` buffer each
+    and can move columns per row (:func:`_compact`) and drop rows (:func:`_select_rows`) in place."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class _Layer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            h, d = key_states.shape[1], key_states.shape[-1]
+            self.buf_k = key_states.new_empty(key_states.shape[0], h, capacity, d)
+            self.buf_v = value_states.new_empty(value_states.shape[0], h, capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"KV cache capacity {capacity} exceeded")
+            self.buf_k[:, :, self.length : end] = key_states
+            self.buf_v[:, :, self.length : end] = value_states
+            self.set_length(end)
+            return self.keys, self.values
+
+        def set_length(self, n: int) -> None:
+            self.length = n
+            self.keys, self.values = self.buf_k[:, :, :n], self.buf_v[:, :, :n]
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    cache = DynamicCache(config=config)
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(
+                f"Jacobi decoding needs plain full-attention KV cache layers; this model has {type(layer).__name__}"
+            )
+    cache.layers = [_Layer() for _ in cache.layers]
+    return cache
+
+
+def _compact(cache, start: int, width: int, dst: torch.Tensor, new_len: int) -> None:
+    """Per row r, move cache columns [start, start + width) to [dst_r, dst_r + width) (dst_r <= start); then
+    the cache holds ``new_len`` columns."""
+    moved = bool((dst != start).any())
+    for layer in cache.layers:
+        if moved:
+            idx = dst[:, None] + torch.arange(width, device=dst.device)  # [R, width]
+            for buf in (layer.buf_k, layer.buf_v):
+                src = buf[:, :, start : start + width].clone()
+                buf.scatter_(2, idx[:, None, :, None].expand_as(src), src)
+        layer.set_length(new_len)
+
+
+def _crop(cache, n: int) -> None:
+    for layer in cache.layers:
+        layer.set_length(n)
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.buf_k, layer.buf_v = layer.buf_k[rows], layer.buf_v[rows]
+        layer.set_length(layer.length)
+
+
 # ---- public entry point ----------------------------------------------------------------------------------------
 @torch.inference_mode()
 def jacobi_generate(
@@ -139,7 +210,7 @@ def jacobi_generate(
     t0 = time.perf_counter()
     own = JacobiStats(window)
     prompts = engine._check_prompts(prompt_ids)
-    n, N = sampling.n, engine.layout.n_image_tokens
+    n = sampling.n
     B = len(prompts) * n
     uncond = engine._uncond_prompt_ids(sampling) if sampling.use_cfg else None
     seed = None if sampling.greedy else resolve_seed(sampling.seed)
@@ -232,36 +303,28 @@ class _JacobiBatch:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _cache_tensors(self):
-        for layer in self.cache.layers:
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                raise NotImplementedError(
-                    f"Jacobi decoding needs a plain dynamic KV cache; got {type(layer).__name__} (sliding window?)"
-                )
-            yield layer
+    def _mask(self, T: int, q: int) -> torch.Tensor:
+        """Attention mask for ``q`` new columns appended at physical column ``T``.
 
-    def _compact(self, start: int, width: int, dst: torch.Tensor, new_len: int) -> None:
-        """Move cache columns [start, start + width) of row r to [dst_r, dst_r + width); crop to ``new_len``."""
-        moved = bool((dst != start).any())
-        for layer in self._cache_tensors():
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                if moved:
-                    src = t[:, :, start : start + width].clone()
-                    idx = (dst[:, None] + torch.arange(width, device=dst.device))[:, None, :, None].expand_as(src)
-                    t.scatter_(2, idx, src)
-                setattr(layer, name, t[:, :, :new_len])
-
-    def _crop(self, new_len: int) -> None:
-        for layer in self._cache_tensors():
-            layer.keys, layer.values = layer.keys[:, :, :new_len], layer.values[:, :, :new_len]
+        Valid keys of row r: its run ``[pad_r, vlen_r)`` of cached columns and the new columns up to the query
+        (causal), except prompt padding. A 4D additive mask [R, 1, q, T + q] for sdpa/eager (transformers then
+        uses it as is), else the 2-D [R, T + q] form for transformers to combine with causality.
+        """
+        cols = torch.arange(T + q, device=self.dev)
+        key_ok = (cols >= self.pad[:, None]) & ((cols < self.vlen[:, None]) | (cols >= T))  # [R, T + q]
+        if self.hf.config._attn_implementation not in ("sdpa", "eager"):
+            return key_ok.long()
+        causal = cols[None, :] <= (T + torch.arange(q, device=self.dev))[:, None]  # [q, T + q]
+        allowed = key_ok[:, None, :] & causal[None]
+        dtype = next(self.hf.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.dev).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
 
     def _select(self, keep: torch.Tensor) -> None:
         """Keep only the cond rows ``keep`` (indices into the active rows) and their uncond partners."""
         b = self.acc.numel()
         cache_rows = torch.cat([keep, keep + b]) if self.cfg else keep
-        for layer in self._cache_tensors():
-            layer.keys, layer.values = layer.keys[cache_rows], layer.values[cache_rows]
+        _select_rows(self.cache, cache_rows)
         for name in ("acc", "drafts", "q", "out", "out_lp", "steps", "active"):
             v = getattr(self, name)
             if v is not None:
@@ -272,8 +335,6 @@ class _JacobiBatch:
     # -- the loop
     def run(self, prompts: list[list[int]], uncond: list[int] | None, seeds: list[int] | None):
         """prompts: b lists of ids (one per sample) -> (codes int64 [b, N], sampler logprobs float32 [b, N])."""
-        from transformers import DynamicCache
-
         dev, N, C, W, sp = self.dev, self.N, self.C, self.W, self.sampling
         b = len(prompts)
         self.cfg = uncond is not None
@@ -286,7 +347,7 @@ class _JacobiBatch:
         self.pad = Lp - self.plen
         self.vlen = torch.zeros_like(self.plen)  # nothing cached yet
         self.committed = ids.to(dev)  # the whole prompt block goes in with the first pass
-        self.cache = DynamicCache(config=self.hf.config)
+        self.cache = _compacting_cache(self.hf.config, Lp + N + W)
         self.gens = None
         if seeds is not None:
             self.gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -312,17 +373,14 @@ class _JacobiBatch:
             # -- one forward: committed tokens + drafts, for every cache row
             draft_ids = self.drafts + self.engine.layout.visual_offset
             inp = torch.cat([self.committed, torch.cat([draft_ids, draft_ids]) if self.cfg else draft_ids], 1)
-            # valid: each row's run [pad, vlen) of cached columns, then every new column except prompt padding
-            cols = torch.arange(T + m + w, device=dev)
-            mask = ((cols >= self.pad[:, None]) & ((cols < self.vlen[:, None]) | (cols >= T))).long()
-            if T == 0:  # prompt block: position 0 at each row's first real token
-                prompt_pos = (torch.arange(m, device=dev)[None] - self.pad[:, None]).clamp(min=0)
-            else:  # the last accepted visual token, index acc - 1
-                acc_r = torch.cat([self.acc, self.acc]) if self.cfg else self.acc
-                prompt_pos = (self.plen + acc_r - 1)[:, None]
             acc_r = torch.cat([self.acc, self.acc]) if self.cfg else self.acc
+            if T == 0:  # prompt block: position 0 at each row's first real token
+                committed_pos = (torch.arange(m, device=dev)[None] - self.pad[:, None]).clamp(min=0)
+            else:  # the last accepted visual token, index acc - 1
+                committed_pos = (self.plen + acc_r - 1)[:, None]
             draft_pos = (self.plen + acc_r)[:, None] + torch.arange(w, device=dev)
-            logits = self._logits(inp, mask, torch.cat([prompt_pos, draft_pos], 1), keep=w + 1)
+            mask = self._mask(T, m + w)
+            logits = self._logits(inp, mask, torch.cat([committed_pos, draft_pos], 1), keep=w + 1)
             self.stats.forward_steps += 1
             self.steps += 1
             cond, unc = (logits[:b], logits[b:]) if self.cfg else (logits, None)
@@ -374,7 +432,7 @@ class _JacobiBatch:
             na_r = torch.cat([na, na]) if self.cfg else na
             dst = self.vlen.clone()
             self.vlen = self.vlen + m + na_r
-            self._compact(T, m + w, dst, int(self.vlen.max()))
+            _compact(self.cache, T, m + w, dst, int(self.vlen.max()))
             self.acc = self.acc + gained
 
             # -- finished rows leave
@@ -389,7 +447,7 @@ class _JacobiBatch:
                 self._select(keep)
                 if not self.acc.numel():
                     break
-                self._crop(int(self.vlen.max()))
+                _crop(self.cache, int(self.vlen.max()))
             b = self.acc.numel()
 
             # -- next window: re-draft what follows the new token from this pass's p, new positions from init
