@@ -402,3 +402,30 @@ def test_lora_versions_equal_peft_merged_models(engine, world):
     engine.load_weights(world["models"]["A"].state_dict(), version=5)  # full weights drop the adapter
     again = engine.generate(world["prompts"], sp, uncond_prompt_ids=world["uncond"])
     assert torch.equal(again.completion_ids, base.completion_ids)
+
+
+def test_lora_checkpoint_dir_serves_its_adapter(engine, engines, world):
+    """A LoRA checkpoint of save_policy (adapter files + argrpo.json naming the base) starts as adapter version 0."""
+    import copy
+
+    from models.policy import apply_lora, save_policy
+    from rollout.engines.vllm_engine import VLLMEngine
+
+    base = copy.deepcopy(world["models"]["A"])
+    base.name_or_path = str(world["root"] / "A")
+    peft_model = apply_lora(base, r=4, alpha=8)
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_policy(world["root"] / "lora", peft_model, world["tok"], world["layout"])
+    lora_engine = VLLMEngine(world["root"] / "lora", max_num_seqs=MAX_NUM_SEQS)
+    engines.append(lora_engine)
+    assert lora_engine.layout == world["layout"] and lora_engine.options.enable_lora
+    sp = SamplingParams(temperature=0.0, cfg_scale=2.0)
+    out = lora_engine.generate(world["prompts"], sp)  # uncond prompt from the checkpoint's own tokenizer
+    ref_ids, _ = hf_greedy(
+        peft_model.merge_and_unload().eval(), world["layout"], world["prompts"], world["uncond"], sp
+    )
+    assert torch.equal(out.completion_ids, ref_ids)
