@@ -8,12 +8,15 @@ else, and the engine submits ``temperature=1`` (or 0 for greedy) with top-k/top-
 filters are identities and its ``processed_logprobs`` are the sampler logprobs.
 
 CFG pairs. A guided sample is two requests, a conditional row and an unconditional row, that must see the same
-image tokens. vLLM emits one token per scheduled row per step, from the row's own logits, so the uncond row cannot
-copy the cond row's token after the fact (its context must hold that token in the very step it is drawn: a row
-that lags one token behind has logits one position stale, which is useless to its partner). Instead both rows
-receive the *same* guided log-probabilities and the same per-request seed, and vLLM's per-request generators
-then draw the same token on both rows (greedy: the same argmax). The engine checks afterwards that the two rows
-emitted identical tokens.
+image tokens. vLLM draws one token per scheduled row per step, each from its own row's logits, for all rows at
+once after the processors ran. So when the uncond row's logits of step t are processed, the cond row's token of
+step t is not known yet: the uncond row cannot be masked to "the token its partner draws now". Masking it to its
+partner's *previous* token makes it lag one position, and then its logits are those of position t-1 while the cond
+row needs position t (guidance with stale uncond logits). Drawing the token inside the processor and forcing both
+rows to it (a one-hot row) would keep them in step, but vLLM would then report logprob 0, not the sampler logprob.
+Instead both rows receive the *same* guided log-probabilities and the same per-request seed, and vLLM's
+per-request generators draw the same token on both rows (greedy: the same argmax); vLLM's processed logprob of that
+token is the sampler logprob. The engine checks afterwards that the two rows emitted identical tokens.
 
 Half pairs. A row whose partner is not in this step, or is at a different output position (scheduled in another
 step, preempted, still in a chunked prefill), cannot be guided correctly, and no later step can repair it: the two
