@@ -168,6 +168,13 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def info(self) -> dict:
+        """Where and how this worker runs (process, threads, device, weights), for logs and checks."""
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"), "engine": type(self.engine).__name__,
+                "device": str(getattr(self.engine, "device", "")), "weight_version": self.weight_version()}
+
     def _encode(self, prompts) -> list[list[int]]:
         if not prompts:
             raise ValueError("no prompts given")

@@ -189,6 +189,9 @@ def test_ray_pool(ray_cluster, picklable_here):
     with build_rollout_pool(functools.partial(make_components, 0, True), cfg) as pool:
         assert isinstance(pool, RolloutPool) and pool.num_workers == 2
         assert len(set(pool.worker_pids())) == 2
+        info = ray.get(pool.workers[0].info.remote())  # runtime_env sized the actor's thread pool
+        assert info["omp_num_threads"] == info["mkl_num_threads"] == "1" and info["torch_threads"] == 1
+        assert info["engine"] == "TorchEngine" and info["device"] == "cpu"
         out = pool.generate(CAPTIONS, G, SP)
         check_batch(out, len(CAPTIONS), G)
         # the 2-worker split returns exactly what one in-process worker returns: prompt order is kept
