@@ -185,8 +185,6 @@ def test_load_lora_adapter_changes_outputs():
 
 def test_errors_are_clear():
     engine = TorchEngine(tiny_model(seed=8), LAYOUT)
-    with pytest.raises(NotImplementedError, match="Jacobi"):
-        engine.generate(PROMPTS, SamplingParams(jacobi=True))
     with pytest.raises(ValueError, match="unconditional prompt"):
         engine.generate(PROMPTS, SamplingParams(cfg_scale=2.0))
     with pytest.raises(ValueError, match="prompt 1 has ids outside"):

@@ -138,9 +138,9 @@ class TorchEngine:
         Row ``r`` uses seed ``sampling.seed + r``.
         """
         if sampling.jacobi:
-            raise NotImplementedError(
-                "Jacobi decoding is not implemented in the torch engine yet; use sampling.jacobi=False"
-            )
+            from rollout.engines.jacobi import jacobi_generate
+
+            return jacobi_generate(self, prompt_ids, sampling)
         t0 = time.perf_counter()
         prompts = self._check_prompts(prompt_ids)
         n, N = sampling.n, self.layout.n_image_tokens
