@@ -29,6 +29,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jacobi", action="store_true",
+                   help="speculative Jacobi decoding (torch engine): fewer forward passes, same distribution")
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per generate call")
     p.add_argument("--engine", default="torch", help="rollout engine ('torch', 'vllm')")
     p.add_argument("--workers", type=int, default=0, help="Ray rollout workers (0 = in-process)")
@@ -111,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.batch_prompts < 1:
         raise SystemExit("argrpo sample: --n and --batch-prompts must be >= 1")
+    if args.jacobi and args.engine != "torch":
+        raise SystemExit(f"argrpo sample: --jacobi needs --engine torch (got {args.engine!r})")
     rows = read_prompt_file(args.prompts)[: args.limit]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         if tok_path is None:
             raise SystemExit(f"argrpo sample: {args.checkpoint} names no image tokenizer; pass --image-tokenizer DIR")
         policy = PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, load_image_tokenizer(tok_path))
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg,
+                              jacobi=args.jacobi)
     config = RolloutConfig(engine=args.engine, num_workers=args.workers, device=device, sampling=sampling)
 
     with build_rollout_pool(policy, config) as pool, tqdm(total=len(todo), desc="sample", unit="prompt") as bar:
