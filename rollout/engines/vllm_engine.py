@@ -119,6 +119,14 @@ def _set_vllm_env(options: VLLMEngineOptions) -> None:
     # In-process engine core: 6x faster start-up, deterministic request arrival (every request of a call is
     # queued before the first step) and in-memory weight reloads. Must be set before vLLM reads its env.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # On GPUs (with Triton) vLLM 0.32 defaults to Model Runner V2, whose logits processors have another interface
+    # (vllm.v1.worker.gpu.sample.logits_processor) and refuse V1 ones; the processor here is a V1 one.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if os.environ["VLLM_USE_V2_MODEL_RUNNER"].strip().lower() in ("1", "true", "yes"):
+        raise ValueError(
+            "VLLMEngine needs vLLM's V1 model runner (its CFG logits processor uses the V1 interface); "
+            "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+        )
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(options.kv_cache_gib))))
 
