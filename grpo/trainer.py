@@ -179,7 +179,7 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     from grpo.prompts import load_prompts, prompt_stream
     from grpo.reward_funcs import build_reward_funcs
     from grpo.rollouts import RolloutSource
-    from grpo.weight_sync import WeightSync, WorkerPolicy
+    from grpo.weight_sync import WeightSync, worker_policy
     from models.policy import is_peft_model, policy_from_config
     from models.runtime import resolve_device, set_threads
     from rollout.pool import build_rollout_pool
@@ -212,9 +212,9 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
 
     stats = StepStats()
-    worker_policy = WorkerPolicy(str(loaded.path), lora=cfg.policy.lora if fresh_lora else None,
-                                 dtype=cfg.policy.dtype)
-    pool = build_rollout_pool(worker_policy, cfg.rollout)
+    pool = build_rollout_pool(worker_policy(str(loaded.path), cfg.rollout.engine, layout=cfg.policy.layout,
+                                            lora=cfg.policy.lora if fresh_lora else None, dtype=cfg.policy.dtype),
+                              cfg.rollout)
     sync = WeightSync(pool)
     source = RolloutSource(pool, sync, cfg.rollout.sampling, cfg.grpo.num_generations, dataset["prompt"], P,
                            mode=cfg.rollout.mode, seed=cfg.seed, stats=stats)

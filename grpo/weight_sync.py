@@ -87,24 +87,43 @@ class WeightSync:
 class WorkerPolicy:
     """What a rollout worker builds its policy from; picklable, so Ray can rebuild a crashed worker from it.
 
-    checkpoint: the run's starting policy (its weights are replaced by the first push);
-    lora: the learner's ``LoraSettings`` when it trains a fresh adapter (the worker wraps its copy the same way,
-    so adapter tensors load by name), else None; dtype: weights dtype.
+    checkpoint: the run's starting policy (its weights are replaced by the first push); layout: as for
+    ``load_policy`` (e.g. "simplear" for a released checkpoint without argrpo.json); lora: the learner's
+    ``LoraSettings`` when it trains a fresh adapter (the worker wraps its copy the same way, so adapter tensors
+    load by name), else None; dtype: weights dtype.
     """
 
     checkpoint: str
+    layout: str | None = None
     lora: object | None = None
     dtype: str | None = None
     device: str = "cpu"
 
     def __call__(self):
-        from rollout.worker import load_components
+        from models.image_tokenizers import load_image_tokenizer
+        from models.policy import load_policy
+        from rollout.worker import PolicyComponents
 
-        comps = load_components(self.checkpoint, device=self.device, dtype=self.dtype)
+        loaded = load_policy(self.checkpoint, layout=self.layout, device=self.device, dtype=self.dtype)
+        model = loaded.model
         if self.lora is not None:
             from models.policy import apply_lora
 
-            comps.model = apply_lora(comps.model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
-                                     target_modules=self.lora.target_modules)
-            comps.model.eval()
-        return comps
+            model = apply_lora(model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
+                               target_modules=self.lora.target_modules)
+        model.eval()
+        image_tokenizer = None
+        if loaded.image_tokenizer_path is not None:
+            image_tokenizer = load_image_tokenizer(loaded.image_tokenizer_path)
+        return PolicyComponents(model, loaded.layout, loaded.tokenizer, image_tokenizer)
+
+
+def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=None, dtype: str | None = None):
+    """The ``policy`` argument of the rollout pool: engines that read a checkpoint directory themselves (vLLM)
+    get its path; the others a :class:`WorkerPolicy`."""
+    from rollout.engines import get_engine
+    from rollout.worker import _loads_checkpoint
+
+    if _loads_checkpoint(get_engine(engine)):
+        return str(checkpoint)
+    return WorkerPolicy(str(checkpoint), layout=layout, lora=lora, dtype=dtype)
