@@ -7,6 +7,7 @@ Config classes are plain dataclasses (TRL style): ``field(default=..., metadata=
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -145,16 +146,37 @@ def parse_value(raw: str) -> Any:
     return value
 
 
+_INDEXED = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<index>-?\d+)\]$")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b=v`` in the nested dict; ``rewards[0].weight=2`` indexes a list the config already has."""
     for item in overrides or []:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            m = _INDEXED.match(part)
+            if m:
+                seq = node.get(m["key"]) if isinstance(node, dict) else None
+                idx = int(m["index"])
+                if not isinstance(seq, list) or not -len(seq) <= idx < len(seq):
+                    n = len(seq) if isinstance(seq, list) else 0
+                    raise ConfigError(f"--set {item!r}: {m['key']!r} has no item {idx} (it has {n})")
+                if last:
+                    seq[idx] = value
+                    continue
+                node = seq[idx]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+                continue
+            if last:
+                node[part] = value
+                continue
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = nxt
-        node[path[-1]] = value
     return data
 
 

@@ -68,3 +68,23 @@ def test_exponent_floats_without_dot(tmp_path):
     p.write_text("lr: 1e-5\n")
     assert load_config(Outer, p).lr == 1e-5
     assert load_config(Outer, None, ["lr=3e-5"]).lr == 3e-5
+
+
+@dataclass
+class Item:
+    name: str = "a"
+    weight: float = 1.0
+
+
+@dataclass
+class WithList:
+    items: list[Item] = field(default_factory=list)
+
+
+def test_indexed_override_into_a_list(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("items:\n  - {name: x}\n  - {name: y, weight: 2}\n")
+    cfg = load_config(WithList, p, ["items[1].weight=0.5", "items[0].name=z"])
+    assert [(i.name, i.weight) for i in cfg.items] == [("z", 1.0), ("y", 0.5)]
+    with pytest.raises(ConfigError, match="has no item 5"):
+        load_config(WithList, p, ["items[5].weight=1"])
