@@ -43,17 +43,20 @@ SHAPES_RANDOM = dict(size="shapes", grid=(8, 8), codebook=109, text_vocab=64)
 
 # ---- models -----------------------------------------------------------------------------------------------------
 def find_shapes_checkpoint(root: str = "runs") -> str | None:
-    """Newest checkpoint directory under ``root`` whose argrpo.json has the shapes layout."""
+    """Newest trained checkpoint under ``root``: argrpo.json with the shapes layout and a training step recorded
+    (``extra.stage_step`` or ``grpo_step``, which the training stages write; a freshly built policy has neither)."""
     import json
 
     best, best_t = None, -1.0
     for meta in glob.glob(os.path.join(root, "**", "argrpo.json"), recursive=True):
         try:
-            layout = json.loads(Path(meta).read_text()).get("layout", {})
+            data = json.loads(Path(meta).read_text())
         except (OSError, ValueError):
             continue
-        d = Path(meta).parent
-        if layout.get("name") == "shapes" and ((d / "model.safetensors").exists() or (d / "adapter_config.json").exists()):
+        d, extra = Path(meta).parent, data.get("extra") or {}
+        trained = bool(extra.get("stage_step") or extra.get("grpo_step") or extra.get("step"))
+        weights = (d / "model.safetensors").exists() or (d / "adapter_config.json").exists()
+        if data.get("layout", {}).get("name") == "shapes" and trained and weights:
             t = d.stat().st_mtime
             if t > best_t:
                 best, best_t = str(d), t
@@ -253,6 +256,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dist-samples", type=int, default=600, help="samples per sampler for the distribution check")
     ap.add_argument("--geneval-per-tag", type=int, default=8, help="held-out shapes prompts per tag (0: skip)")
     ap.add_argument("--geneval-n", type=int, default=4, help="samples per GenEval prompt")
+    ap.add_argument("--bench-batch", default="4x2", help="bench model: prompts x samples in the batched call")
+    ap.add_argument("--bench-dist-samples", type=int, default=64, help="bench model: distribution-check samples")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -291,8 +296,9 @@ def main(argv=None) -> dict:
     if "bench" in models:
         model, layout, prompts = random_model(BENCH_MODEL)
         engine = TorchEngine(model, layout, uncond_prompt_ids=[1, 2])
-        a = argparse.Namespace(**{**vars(args), "geneval_per_tag": 0, "dist_samples": args.dist_samples // 3,
-                                  "repeats": max(1, args.repeats - 1)})
+        bp, bg = (int(x) for x in args.bench_batch.split("x"))
+        a = argparse.Namespace(**{**vars(args), "geneval_per_tag": 0, "dist_samples": args.bench_dist_samples,
+                                  "prompts": bp, "G": bg, "repeats": max(1, args.repeats - 1)})
         res, r = bench_model("bench", engine, prompts, False, a, (3.0,))
         results["bench"] = res
         rows += r

@@ -14,9 +14,12 @@ of speculative sampling:
   accepted, so ``p_i`` is the true conditional there); at the first rejection a token is drawn from the normalised
   residual ``max(0, p_i - q_i)``, and if every draft passed a bonus token is drawn from ``p_W``. Either way that
   token is distributed as ``p_i``: this is the standard speculative-sampling identity;
-* the positions after the new token are re-drafted from this pass's ``p`` (conditioned on now-stale drafts; still a
-  valid proposal, and the Jacobi fixed-point guess), each recording its ``q``; positions entering the window for the
-  first time are drafted from ``init`` (``"last"``: the last window position's ``p``; ``"uniform"``).
+* the positions after the new token get new drafts (:meth:`_JacobiBatch._redraft`): the proposal is this pass's
+  ``p`` there (conditioned on now-stale drafts: the Jacobi fixed-point guess; for positions entering the window,
+  ``init``: ``"last"`` the last window position's ``p``, or ``"uniform"``) mixed with point masses on the code to
+  the left and the code above (image tokens repeat their neighbours), and an earlier draft at the same position is
+  kept by a maximal coupling when the new proposal allows it. Any proposal fixed before its draft is drawn keeps the
+  result exact; these only raise the acceptance (measured in bench/jacobi.py).
 
 The sampler logprob of a token is ``log p_i(x_i)`` from the pass that accepted it, whose prefix was already
 correct, so it is the same number plain sampling reports (up to float rounding). Greedy (temperature 0) accepts a
@@ -29,7 +32,8 @@ columns (``pad_r``: the row's left padding of the prompt block) followed by mask
 ``T``. A pass appends its ``m + W`` input columns at ``T`` for every row (``m``: committed tokens, the whole prompt
 on the first pass, then 1); afterwards each row's new columns are moved down to start at ``len_r`` (a scatter of
 only those columns), only the committed tokens and the accepted drafts count as valid, and the cache is cropped to
-the longest row. The 2-D attention mask marks ``[pad_r, len_r)`` valid and every hole invalid; position ids are
+the longest row. The attention mask (4-D additive for sdpa/eager, else 2-D) marks ``[pad_r, len_r)`` and the
+new columns up to each query valid, every hole invalid; position ids are
 per row (prompt length + visual index), so a hole changes nothing a row attends to. ``T`` stays at most
 ``prompt + N + W`` columns. Finished rows leave the batch. A CFG pair (cond row ``r``, uncond row ``r + b``) always
 holds the same visual tokens; only its prompt differs.
@@ -54,6 +58,8 @@ from rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
 from rollout.types import Rollout, SamplingParams
 
 DEFAULT_WINDOW = 16
+DEFAULT_COPY_LEFT = 0.4
+DEFAULT_COPY_UP = 0.4
 INITS = ("last", "uniform")
 # acceptance rules; only "speculative" keeps the model's distribution (the others exist so tests can show that a
 # wrong rule is caught by the distribution check)
@@ -193,6 +199,9 @@ def jacobi_generate(
     window: int = DEFAULT_WINDOW,
     init: str = "last",
     stats: JacobiStats | None = None,
+    couple: bool = True,
+    copy_left: float = DEFAULT_COPY_LEFT,
+    copy_up: float = DEFAULT_COPY_UP,
     _rule: str = "speculative",
 ) -> Rollout:
     """SJD with ``engine`` (a :class:`rollout.engines.torch_engine.TorchEngine`): same contract as its ``generate``.
@@ -205,6 +214,8 @@ def jacobi_generate(
         raise ValueError(f"jacobi window must be >= 1, got {window}")
     if init not in INITS:
         raise ValueError(f"unknown jacobi init {init!r}; known: {list(INITS)}")
+    if not (0 <= copy_left and 0 <= copy_up and copy_left + copy_up < 1):
+        raise ValueError(f"copy_left and copy_up must be >= 0 with a sum < 1, got {copy_left} and {copy_up}")
     if _rule not in RULES:
         raise ValueError(f"unknown acceptance rule {_rule!r}; known: {list(RULES)}")
     t0 = time.perf_counter()
@@ -218,7 +229,7 @@ def jacobi_generate(
     codes, logps = [], []
     for start in range(0, B, chunk):
         rows = torch.arange(start, min(start + chunk, B))
-        c, lp = _JacobiBatch(engine, sampling, window, init, _rule, own).run(
+        c, lp = _JacobiBatch(engine, sampling, window, init, _rule, own, couple, copy_left, copy_up).run(
             [prompts[int(r) // n] for r in rows], uncond, None if seed is None else [seed + int(r) for r in rows]
         )
         codes.append(c)
@@ -261,10 +272,12 @@ class _JacobiBatch:
     ``vlen`` end of the valid run of physical cache columns.
     """
 
-    def __init__(self, engine, sampling: SamplingParams, window: int, init: str, rule: str, stats: JacobiStats):
+    def __init__(self, engine, sampling: SamplingParams, window: int, init: str, rule: str, stats: JacobiStats,
+                 couple: bool = True, copy_left: float = 0.0, copy_up: float = 0.0):
         from rollout.engines.torch_engine import _unwrap
 
         self.engine, self.sampling, self.W, self.init, self.rule, self.stats = engine, sampling, window, init, rule, stats
+        self.couple, self.copy_left, self.copy_up = couple, float(copy_left), float(copy_up)
         self.hf, _ = _unwrap(engine.model)
         self.dev = engine.device
         self.N = engine.layout.n_image_tokens
@@ -284,6 +297,63 @@ class _JacobiBatch:
         b, w, C = q.shape
         codes, _ = sample_from_logprobs(q.reshape(b * w, C), u.reshape(b * w))
         return codes.view(b, w)
+
+    def _redraft(self, q, fresh, old_d, old_q, prev, u):
+        """Drafts for the next window, position by position: (codes [b, w], their proposal log-probs [b, w, C]).
+
+        q [b, w, C]: this pass's target at each position (the base proposal); fresh [b, w]: no earlier draft there;
+        old_d [b, w] / old_q [b, w, C]: the earlier draft and its proposal (ignored where fresh); prev [b]: the code
+        before the window; u [b, >= 2w] uniforms.
+
+        Neighbour prior: the proposal becomes ``(1 - a - b) q + a * delta(left code) + b * delta(code above)``
+        (``copy_left``, ``copy_up``; the left code is the new token or the draft just drawn, the code above comes
+        from the accepted prefix or the drafts). Image tokens repeat their neighbours (backgrounds, flat regions),
+        and ``q`` at the first re-drafted position was computed after a refused draft, so it often misses.
+        Coupling (``couple``): keep the earlier draft with probability min(1, q(x) / q_old(x)), else draw from
+        the residual max(0, q - q_old): a maximal coupling, so the new draft is still distributed as ``q`` given
+        everything before it, and drafts stop changing once their proposals settle. Each draft uses its own
+        uniforms, so the speculative test of the next pass stays exact.
+        """
+        b, w, C = q.shape
+        rows = torch.arange(b, device=q.device)
+        drafts = torch.empty(b, w, dtype=torch.long, device=q.device)
+        if self.copy_left > 0 or self.copy_up > 0:
+            q = q.clone()
+        gw = self.engine.layout.grid[1]
+        seq = self.out.clone()  # accepted codes, then the drafts as they are drawn
+        for i in range(w):
+            qi = q[:, i]
+            pos = self.acc + i
+            if self.copy_left > 0 or self.copy_up > 0:
+                probs = qi.exp() * (1 - self.copy_left - self.copy_up)
+                probs[rows, prev] += self.copy_left
+                up = pos >= gw
+                if self.copy_up > 0:
+                    above = seq.gather(1, (pos - gw).clamp(min=0)[:, None])[:, 0]
+                    probs[rows[up], above[up]] += self.copy_up
+                    probs[rows[~up], prev[~up]] += self.copy_up  # first grid row: nothing above, use the left
+                qi = q[:, i] = probs.log()
+            if self.greedy:
+                x = qi.argmax(-1)
+            else:
+                x, _ = sample_from_logprobs(qi, u[:, 2 * i])
+                if self.couple:
+                    xo = old_d[:, i]
+                    lq_old = old_q[:, i]
+                    keep = ~fresh[:, i] & (torch.log(u[:, 2 * i + 1]) < qi.gather(-1, xo[:, None])[:, 0]
+                                           - lq_old.gather(-1, xo[:, None])[:, 0])
+                    swap = ~fresh[:, i] & ~keep
+                    if bool(swap.any()):
+                        target = qi[swap].exp()
+                        resid = (target - lq_old[swap].exp()).clamp_(min=0)
+                        empty = resid.sum(-1) <= 0  # only by rounding (then keeping was certain)
+                        resid[empty] = target[empty]
+                        x[swap], _ = sample_from_logprobs(resid.log(), u[swap, 2 * i])
+                    x = torch.where(keep, xo, x)
+            drafts[:, i] = x
+            seq.scatter_(1, pos[:, None], x[:, None])
+            prev = x
+        return drafts, (None if self.greedy else q)
 
     def _logits(self, ids, mask, pos, keep: int) -> torch.Tensor:
         """Forward through the cache; logits over the visual codes for the last ``keep`` positions, [R, keep, C]."""
@@ -387,7 +457,7 @@ class _JacobiBatch:
             p = final_logprobs(cond, unc, sp)  # [b, w + 1, C]: targets at positions acc .. acc + w
 
             # -- scan: leading run of accepted drafts
-            u = None if self.greedy else self._uniforms(2 * W + 1)
+            u = None if self.greedy else self._uniforms(3 * W + 1)
             offs = torch.arange(w, device=dev)
             in_range = self.acc[:, None] + offs < N  # [b, w]
             lp_d = p[:, :w].gather(-1, self.drafts[..., None]).squeeze(-1)  # [b, w]
@@ -453,15 +523,16 @@ class _JacobiBatch:
             # -- next window: re-draft what follows the new token from this pass's p, new positions from init
             w_next = min(W, int((N - self.acc).max()))
             src = na[:, None] + 1 + torch.arange(w_next, device=dev)  # index into this pass's p [b, w + 1, C]
-            fresh = src > w
-            src = src.clamp(max=w)
+            fresh = src >= w  # no draft there yet (src == w: p exists, but no draft was proposed)
             rows = torch.arange(b, device=dev)[:, None]
-            q_next = p[rows, src]  # [b, w_next, C]
+            q_next = p[rows, src.clamp(max=w)]  # [b, w_next, C]; init "last": fresh positions take p at w
             if self.init == "uniform" and bool(fresh.any()):
-                q_next[fresh] = -math.log(C)
-            # (init "last": a fresh position takes p at the last window position, src clamped to w)
-            self.drafts = self._draw(q_next, None if u is None else u[:, W + 1 : W + 1 + w_next])
-            self.q = None if self.greedy else q_next
+                q_next[fresh & (src > w)] = -math.log(C)
+            old = src.clamp(max=w - 1)
+            prev = self.out.gather(1, (self.acc - 1)[:, None])[:, 0]
+            self.drafts, self.q = self._redraft(q_next, fresh, self.drafts[rows, old],
+                                                None if self.q is None else self.q[rows, old], prev,
+                                                None if u is None else u[:, W + 1 :])
             last = self.out.gather(1, (self.acc - 1)[:, None]) + self.engine.layout.visual_offset
             self.committed = torch.cat([last, last]) if self.cfg else last
 
