@@ -25,8 +25,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, timeout_s:
         ray.init(address=address, **common)
     else:
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **common)
+        _loopback_only(ray)
+        # "local" always starts a new cluster: without it ray.init joins whatever cluster another process recorded
+        # in <ray temp dir>/ray_current_cluster (`ray start`, ray.cluster_utils), or fails when that one is gone
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **common)
     return ray
+
+
+def _loopback_only(ray) -> None:
+    """Make a local cluster's servers (GCS, raylet, workers, agents) listen on 127.0.0.1 only.
+
+    Ray turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address and then binds its gRPC servers
+    on every interface, unless its cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does on
+    laptops). The variable is read when ray is imported: set it for the processes Ray starts, and in this process
+    too when ray was imported before it was set.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = ray._private.ray_constants
+    if constants.ENABLE_RAY_CLUSTER:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
