@@ -12,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 RELATIONS = ("left of", "right of", "above", "below")
+# GenEval's six tags; the rules read the tag (counting uses a stricter confidence threshold), so a misspelt tag
+# would silently change how a prompt is judged.
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 class PromptFileError(ValueError):
@@ -27,6 +30,8 @@ def validate_spec(spec, where: str = "spec") -> dict:
             raise PromptFileError(f"{where}: missing key {key!r}")
         if not isinstance(spec[key], tp):
             raise PromptFileError(f"{where}: {key!r} must be a {tp.__name__}, got {spec[key]!r}")
+    if spec["tag"] not in GENEVAL_TAGS:
+        raise PromptFileError(f"{where}: unknown tag {spec['tag']!r}; GenEval's tags: {list(GENEVAL_TAGS)}")
     if not spec["include"]:
         raise PromptFileError(f"{where}: 'include' is empty")
     for i, req in enumerate(spec["include"]):
