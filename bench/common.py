@@ -34,16 +34,24 @@ def summarize(values: list[float]) -> dict:
     }
 
 
-def time_repeats(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[list[float], object]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; returns (seconds per run, last result)."""
+def time_repeats(
+    fn: Callable[[], object], repeats: int = 3, warmup: int = 1, cpu: list[float] | None = None
+) -> tuple[list[float], object]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; returns (wall seconds per run, last result).
+
+    ``cpu``: a list that receives this process's CPU seconds per run (all threads). On a shared machine CPU time
+    is the contention-robust figure for single-threaded work: other processes stretch wall time, not CPU time.
+    """
     out = None
     for _ in range(warmup):
         out = fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return times, out
 
 

@@ -129,6 +129,7 @@ def test_visual_head_equals_full_head():
     a = TorchEngine(model, LAYOUT, uncond_prompt_ids=UNCOND).generate(PROMPTS, sp)
     b = TorchEngine(model, LAYOUT, uncond_prompt_ids=UNCOND, visual_head=False).generate(PROMPTS, sp)
     assert torch.equal(a.completion_ids, b.completion_ids)
+    assert model.config._attn_implementation == "sdpa"  # the decode-loop attention switch is undone
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
 
 

@@ -26,6 +26,52 @@ from rollout.sampling import draw_uniforms, resolve_seed, sample_step
 from rollout.types import Rollout, SamplingParams
 
 
+_GQA_DECODE_ATTENTION = "argrpo_sdpa_gqa_decode"
+
+
+def _sdpa_gqa_decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except one-query steps with a padding mask use SDPA's native GQA.
+
+    transformers repeats K/V to every query head whenever a mask is given (``repeat_kv``: a copy of the whole
+    cache per layer per step, measured 24% of a decode step at 8 heads / 4 KV heads); ``enable_gqa`` reads the
+    cache in place. Anything else goes to transformers' own function, so this is a drop-in replacement.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1 or query.shape[2] != 1 or kwargs.get("cache") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_GQA_DECODE_ATTENTION, _sdpa_gqa_decode)
+
+
+class _decode_attention:
+    """Route a model's SDPA attention through :func:`_sdpa_gqa_decode` for the duration of a decode loop."""
+
+    def __init__(self, config):
+        self.config = config
+        self.before = config._attn_implementation
+
+    def __enter__(self):
+        if self.before == "sdpa":
+            _register_attention()
+            self.config._attn_implementation = _GQA_DECODE_ATTENTION
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.before
+
+
 def _preallocated_cache(config, capacity: int):
     """A DynamicCache whose full-attention layers write into buffers sized for the whole call.
 
@@ -281,7 +327,7 @@ class TorchEngine:
         cache.batch_select_indices(select)
         logits, mask, last_pos = logits[select], mask[select], pos[select, -1]
         full_mask = torch.cat([mask, mask.new_ones(len(select), N)], dim=1)
-        if hf.config._attn_implementation in ("sdpa", "eager"):
+        if hf.config._attn_implementation in ("sdpa", "eager", _GQA_DECODE_ATTENTION):
             # a ready 4D additive mask skips transformers' per-step mask construction (one query row per step)
             dtype = next(hf.parameters()).dtype
             full_mask = torch.zeros(full_mask.shape, dtype=dtype, device=dev).masked_fill_(
@@ -290,16 +336,17 @@ class TorchEngine:
 
         codes = torch.empty(b, N, dtype=torch.long, device=dev)
         logps = torch.empty(b, N, dtype=torch.float32, device=dev)
-        for t in range(N):
-            cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
-            c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, t])
-            codes[:, t], logps[:, t] = c, lp
-            if t == N - 1:
-                break
-            tok = c + self.layout.visual_offset
-            if uncond is not None:
-                tok = torch.cat([tok, tok])  # the uncond branch continues with the same image tokens
-            logits = self._forward(
-                tok[:, None], full_mask[..., : L + t + 1], (last_pos + t + 1)[:, None], cache
-            )
+        with _decode_attention(hf.config):
+            for t in range(N):
+                cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
+                c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, t])
+                codes[:, t], logps[:, t] = c, lp
+                if t == N - 1:
+                    break
+                tok = c + self.layout.visual_offset
+                if uncond is not None:
+                    tok = torch.cat([tok, tok])  # the uncond branch continues with the same image tokens
+                logits = self._forward(
+                    tok[:, None], full_mask[..., : L + t + 1], (last_pos + t + 1)[:, None], cache
+                )
         return codes, logps
