@@ -173,21 +173,54 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
     eval_fn: optional ``fn(trainer, step) -> {name: value}``; default: grpo.evaluate when eval.every > 0.
     """
-    from transformers.integrations import TensorBoardCallback
-
-    from grpo import callbacks as cb
     from grpo.prompts import load_prompts, prompt_stream
     from grpo.reward_funcs import build_reward_funcs
-    from grpo.rollouts import RolloutSource
-    from grpo.weight_sync import WeightSync, worker_policy
-    from models.policy import is_peft_model, policy_from_config
     from models.runtime import resolve_device, set_threads
-    from rollout.pool import build_rollout_pool
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+    # Inputs first, cheapest first (prompts, rewards, policy), so a bad one fails by name before any worker starts
+    # or anything is written to output_dir.
+    if not cfg.data.train_prompts:
+        raise ValueError("data.train_prompts: name the training prompts (shapes:train, a .jsonl or a .txt)")
+    specs = load_prompts(cfg.data.train_prompts, cfg.data.shapes_per_tag, cfg.data.shapes_seed)
+    if cfg.data.max_prompts:
+        specs = specs[: cfg.data.max_prompts]
+    P = cfg.grpo.prompts_per_generation
+    dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
+
+    stats = StepStats()
+    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
+                                               pool_config=cfg.reward_pool)
+    pools: list = []
+    try:
+        return _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weights, pools)
+    except BaseException:
+        _close_all(reward_funcs, pools)
+        raise
+
+
+def _close_all(reward_funcs, pools) -> None:
+    """Stop what a failed build started (reward actors, rollout workers)."""
+    for f in reward_funcs:
+        close = getattr(f, "close", None)
+        if close is not None:
+            close()
+    for pool in pools:
+        pool.shutdown()
+
+
+def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weights, pools: list) -> GRPORun:
+    """The part of build_run that loads the policy and starts workers (appended to ``pools`` as they start)."""
+    from transformers.integrations import TensorBoardCallback
+
+    from grpo import callbacks as cb
+    from grpo.rollouts import RolloutSource
+    from grpo.weight_sync import WeightSync, worker_policy
+    from models.policy import is_peft_model, policy_from_config
+    from rollout.pool import build_rollout_pool
 
     # policy: a fresh LoRA adapter goes to TRL as a peft_config, so TRL's reference is the adapter-disabled model
     model, loaded = policy_from_config(cfg.policy, device=str(device))
@@ -202,24 +235,21 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
         from models.policy import read_policy_meta
 
         base_model_path = (read_policy_meta(loaded.path) or {}).get("base_model")
+    if loaded.image_tokenizer_path is not None:
+        from models.image_tokenizers import load_image_tokenizer
 
-    if not cfg.data.train_prompts:
-        raise ValueError("data.train_prompts: name the training prompts (shapes:train, a .jsonl or a .txt)")
-    specs = load_prompts(cfg.data.train_prompts, cfg.data.shapes_per_tag, cfg.data.shapes_seed)
-    if cfg.data.max_prompts:
-        specs = specs[: cfg.data.max_prompts]
-    P = cfg.grpo.prompts_per_generation
-    dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
+        # the rollout workers decode with it: a codebook or grid that differs would fail (or scramble) every image
+        layout.check_image_tokenizer(load_image_tokenizer(loaded.image_tokenizer_path),
+                                     what=f"image tokenizer {loaded.image_tokenizer_path}")
 
-    stats = StepStats()
+    out.mkdir(parents=True, exist_ok=True)
     pool = build_rollout_pool(worker_policy(str(loaded.path), cfg.rollout.engine, layout=cfg.policy.layout,
                                             lora=cfg.policy.lora if fresh_lora else None, dtype=cfg.policy.dtype),
                               cfg.rollout)
+    pools.append(pool)
     sync = WeightSync(pool)
     source = RolloutSource(pool, sync, cfg.rollout.sampling, cfg.grpo.num_generations, dataset["prompt"], P,
                            mode=cfg.rollout.mode, seed=cfg.seed, stats=stats)
-    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
-                                               pool_config=cfg.reward_pool)
     args = trl_args(cfg, layout.n_image_tokens, device)
     args.reward_weights = weights
 

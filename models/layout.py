@@ -150,6 +150,15 @@ class TokenLayout:
             if a != b:
                 raise ValueError(f"{what} layout mismatch on {key!r}: expected {a}, found {b}")
 
+    def check_image_tokenizer(self, image_tokenizer, what: str = "image tokenizer") -> None:
+        """Raise if an image tokenizer's ``codebook_size`` or ``grid`` differs from this layout's (its decoder
+        would then refuse, or silently scramble, the codes the policy samples)."""
+        for key in ("codebook_size", "grid"):
+            have, want = getattr(image_tokenizer, key), getattr(self, key)
+            have = tuple(int(g) for g in have) if key == "grid" else int(have)
+            if have != want:
+                raise ValueError(f"{what}: {key} {have} does not match the layout's {want}")
+
 
 # ---- presets ---------------------------------------------------------------------------------------------------
 _PRESETS = {}
