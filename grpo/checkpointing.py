@@ -53,6 +53,46 @@ def read_run_state(path: str | Path) -> dict:
     return json.loads(f.read_text())
 
 
+# What a resumed run must share with the run that wrote the checkpoint: these fix the data order (grpo.prompts)
+# and what one step trains on. Anything else (max_steps, learning rate, logging, ...) may change on resume.
+RESUME_KEYS = ("seed", "prompts_per_generation", "grpo.num_generations", "data.train_prompts", "data.shuffle",
+               "data.max_prompts", "data.shapes_per_tag", "data.shapes_seed")
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def check_resumable(path: str | Path, config: dict, layout=None) -> None:
+    """Raise, naming the checkpoint's file and the key, when continuing from ``path`` would not continue the same
+    run: another data order or group size (``RESUME_KEYS``), or a policy of another vocabulary layout.
+
+    config: the new run's config as a dict (with ``prompts_per_generation``); layout: the policy's TokenLayout, or
+    None to skip that check.
+    """
+    path = Path(path)
+    state = read_run_state(path)
+    saved = {**state.get("config", {}), "prompts_per_generation": state.get("prompts_per_generation")}
+    for key in RESUME_KEYS:
+        old, new = _lookup(saved, key), _lookup(config, key)
+        if old is not None and old != new:
+            raise ValueError(f"{path / RUN_FILE}: {key} was {old!r} in the run that wrote this checkpoint, now "
+                             f"{new!r}; resuming would not continue the same data order. Set it back, or start a "
+                             f"new output_dir")
+    if layout is not None:
+        from models.layout import TokenLayout
+        from models.policy import ARGRPO_FILE, read_policy_meta
+
+        meta = read_policy_meta(path)
+        if meta is None:
+            raise FileNotFoundError(f"{path}: no {ARGRPO_FILE}; not a complete checkpoint")
+        layout.check_compatible(TokenLayout.from_dict(meta["layout"]), what=f"checkpoint {path / ARGRPO_FILE}")
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

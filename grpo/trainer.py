@@ -346,15 +346,24 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
     resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (same step, data position,
     optimizer, scheduler and RNG); without one, start from the beginning.
     """
-    from grpo.checkpointing import latest_checkpoint, save_policy_files
+    from grpo.checkpointing import check_resumable, latest_checkpoint, save_policy_files
 
-    run = build_run(cfg, eval_fn=eval_fn)
     out = Path(cfg.output_dir)
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(out / "checkpoints")
         if ckpt is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
+        else:  # before anything is built or started: a checkpoint of another run is refused by name
+            from models.layout import TokenLayout
+            from models.policy import read_policy_meta
+            from recipes.config import to_dict
+
+            meta = read_policy_meta(cfg.policy.checkpoint) if cfg.policy.checkpoint else None
+            layout = TokenLayout.from_dict(meta["layout"]) if meta else None
+            check_resumable(ckpt, {**to_dict(cfg), "prompts_per_generation": cfg.grpo.prompts_per_generation},
+                            layout)
+    run = build_run(cfg, eval_fn=eval_fn)
     t0 = time.perf_counter()
     try:
         run.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
