@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 RUN_FILE = "argrpo_run.json"
@@ -131,10 +130,13 @@ def save_checkpoint(trainer, root: str | Path, *, tokenizer, layout, image_token
 
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints (keep=0: delete none); returns the deleted paths."""
+    from models.checkpoint import recover_all, remove_dir
+
+    recover_all(root)  # temp dirs of a writer or a deletion that was killed
     if keep <= 0:
         return []
     found = list_checkpoints(root)
     doomed = [p for _, p in found[:-keep]]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_dir(p)  # renamed away first: a kill mid-deletion never leaves a gutted step dir behind
     return doomed

@@ -135,9 +135,37 @@ def atomic_dir(final_path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
             _fsync_path(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None and str(final) not in str(e):
+            # "No space left on device" alone does not say which checkpoint failed
+            raise OSError(e.errno, f"writing {final}: {e.strerror or e}") from e
         raise
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory without ever leaving it half-deleted under its own name: it is renamed to a temp name
+    first (which ``recover`` / ``recover_all`` remove if this process dies midway)."""
+    path = Path(path).absolute()
+    if not path.exists():
+        return
+    aside = _sibling(path, _TMP_TAG)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_all(root: str | Path) -> None:
+    """``recover`` every entry of ``root`` that a killed writer (or ``remove_dir``) may have left behind."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    finals = set()
+    for p in root.iterdir():
+        for tag in (_TMP_TAG, _OLD_TAG):
+            if p.name.startswith(".") and tag in p.name:
+                finals.add(p.name[1:].split(tag, 1)[0])
+    for name in sorted(finals):
+        recover(root / name)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
