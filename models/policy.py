@@ -405,6 +405,24 @@ def _simplear_layout(path: Path, tokenizer, config, layout_kwargs: dict) -> Toke
     return layout
 
 
+class _naming:
+    """Re-raise a weights-reading error (a truncated or corrupt safetensors file, an unreadable file) with the
+    checkpoint's path: the libraries' own messages do not say which file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from safetensors import SafetensorError
+
+        if exc is None or not isinstance(exc, (SafetensorError, OSError)) or str(self.path) in str(exc):
+            return False
+        raise ValueError(f"checkpoint {self.path}: cannot read its weights ({type(exc).__name__}: {exc})") from exc
+
+
 def load_policy(
     path: str | Path,
     layout: TokenLayout | str | None = None,
@@ -483,12 +501,15 @@ def load_policy(
         if base_meta is not None:
             TokenLayout.from_dict(base_meta["layout"]).check_compatible(
                 resolved_layout, what=f"LoRA checkpoint {path} vs its base {base_path}")
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, **kwargs)
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+        with _naming(base_path):
+            base = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, **kwargs)
+        with _naming(path):
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable and "lora_" in name)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        with _naming(path):
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
     vocab = _unwrapped_base(model).get_input_embeddings().weight.shape[0]
     if vocab < resolved_layout.visual_end:
         raise ValueError(f"checkpoint {path}: embedding rows {vocab} < layout visual_end {resolved_layout.visual_end}")
