@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,11 +37,22 @@ from rewards.base import (
     check_output,
     describe_batch,
 )
+from rollout.cluster import (
+    check_cluster_offers,
+    scheduling_options,
+    validate_custom_resources,
+    validate_placement,
+)
 
 
 @dataclass
 class RewardPoolConfig:
-    """Placement and fault tolerance of the reward actors."""
+    """Placement and fault tolerance of the reward actors.
+
+    On a multi-node Ray cluster, ``custom_resources`` and ``placement`` say which nodes the actors may use and how
+    they spread (see rollout.cluster); ``resources`` overrides any of num_cpus / num_gpus / threads /
+    custom_resources for one reward.
+    """
 
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per reward actor"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per reward actor (e.g. 0.25)"})
@@ -53,18 +64,31 @@ class RewardPoolConfig:
                                      metadata={"help": "seconds to wait for Ray to bring a dead actor back"})
     resources: dict = field(default_factory=dict,
                             metadata={"help": "per-reward overrides, e.g. {hps: {num_gpus: 0.5}}"})
+    custom_resources: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Ray custom resources each reward actor reserves, e.g. {reward_node: 1} to run only on "
+                          "nodes started with `ray start --resources '{\"reward_node\": N}'`"})
+    placement: Literal["pack", "spread"] = field(
+        default="pack",
+        metadata={"help": "pack: Ray's default scheduler (the driver's node first); spread: Ray's SPREAD strategy, "
+                          "reward actors round the nodes that have room"})
 
     def __post_init__(self):
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("reward pool: num_cpus and num_gpus must be >= 0")
         if self.max_restarts < 0 or self.retries < 0:
             raise ValueError("reward pool: max_restarts and retries must be >= 0")
-        known = {"num_cpus", "num_gpus", "threads"}
+        known = {"num_cpus", "num_gpus", "threads", "custom_resources"}
         for key, res in self.resources.items():
             bad = set(res) - known
             if bad:
                 raise ValueError(f"reward pool: resources[{key!r}] has unknown keys {sorted(bad)}; "
                                  f"valid: {sorted(known)}")
+            if "custom_resources" in res:
+                res["custom_resources"] = validate_custom_resources(
+                    res["custom_resources"], f"reward pool: resources[{key!r}].custom_resources")
+        self.custom_resources = validate_custom_resources(self.custom_resources, "reward pool: custom_resources")
+        validate_placement(self.placement, "reward pool: placement")
 
 
 class RewardActor:
@@ -86,6 +110,11 @@ class RewardActor:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def score(self, prompts: list[str], images: Any, metadata: dict, batch: Any) -> RewardOutput:
         return self.reward(prompts, images, batch_index=batch, **metadata)
@@ -142,13 +171,19 @@ class RewardPool(Reward):
                                        {k: modes.get(k) or normalize for k, *_ in entries}, name=self.name)
         self.actors: dict[str, Any] = {}
         cls = ray.remote(RewardActor)
+        placed = {}
+        for key, *_ in entries:
+            placed[key] = {"num_cpus": self.config.num_cpus, "num_gpus": self.config.num_gpus,
+                           "threads": self.config.threads, "custom_resources": self.config.custom_resources,
+                           **self.config.resources.get(key, {})}
+            check_cluster_offers(placed[key]["custom_resources"], f"reward pool: reward {key!r}")
         for key, spec, fn, _ in entries:
-            res = {"num_cpus": self.config.num_cpus, "num_gpus": self.config.num_gpus,
-                   "threads": self.config.threads, **self.config.resources.get(key, {})}
+            res = placed[key]
             env = dict(runtime_env or {})
             env["env_vars"] = {"OMP_NUM_THREADS": str(int(res["threads"])), **env.get("env_vars", {})}
             options = dict(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-                           max_restarts=self.config.max_restarts, max_task_retries=0, runtime_env=env)
+                           max_restarts=self.config.max_restarts, max_task_retries=0, runtime_env=env,
+                           **scheduling_options(res["custom_resources"], self.config.placement))
             self.actors[key] = cls.options(**options).remote(key, spec, fn, int(res["threads"]))
         # Building the models happens in the actors' constructors: wait so a bad config fails here, by name.
         for key, actor in self.actors.items():
@@ -233,6 +268,12 @@ class RewardPool(Reward):
         import ray
 
         return {k: ray.get(a.ready.remote()) for k, a in self.actors.items()}
+
+    def actor_nodes(self) -> dict[str, str]:
+        """The Ray node id each reward's actor runs on now."""
+        import ray
+
+        return dict(zip(self.actors, ray.get([a.node_id.remote() for a in self.actors.values()])))
 
     def state_dict(self) -> dict:
         return self.combiner.state_dict()

@@ -1,8 +1,20 @@
-"""Starting or joining a Ray cluster with safe defaults (dashboard off, loopback only, no auth token files)."""
+"""Starting or joining a Ray cluster with safe defaults (dashboard off, loopback only, no auth token files), and
+where actors go in it (custom resources, pack or spread).
+
+Multi-node: start Ray on each machine (``ray start --head`` on one, ``ray start --address HEAD:6379`` on the others,
+``--resources '{"rollout": 4}'`` to label nodes), then pass ``--ray-address HEAD:6379`` (or set ``RAY_ADDRESS``)
+to ``argrpo grpo | pipeline | sweep``. Rollout and reward actors are then placed on the cluster's nodes by the
+resources they ask for (``num_cpus``, ``num_gpus``, ``custom_resources``) and their ``placement``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
+PLACEMENTS = ("pack", "spread")
+# Ray refuses these in ``resources=`` (they have their own actor options)
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, timeout_s: float = 30.0, **kwargs):
@@ -66,3 +78,55 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def validate_custom_resources(resources: Mapping, where: str) -> dict[str, float]:
+    """Check a ``{name: amount}`` map of Ray custom resources (config time, no Ray needed); returns it as floats."""
+    if not isinstance(resources, Mapping):
+        raise ValueError(f"{where}: expected a mapping of resource name -> amount, got {type(resources).__name__}")
+    out = {}
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: resource names must be non-empty strings, got {name!r}")
+        if name in _BUILTIN_RESOURCES:
+            raise ValueError(f"{where}: {name!r} is not a custom resource; use the num_cpus / num_gpus settings")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ValueError(f"{where}: {name!r} must be a positive number, got {amount!r}")
+        out[name] = float(amount)
+    return out
+
+
+def validate_placement(placement: str, where: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"{where}: unknown placement {placement!r}; valid: {list(PLACEMENTS)}")
+    return placement
+
+
+def scheduling_options(custom_resources: Mapping[str, float] | None, placement: str = "pack") -> dict:
+    """Ray actor options that place an actor: its custom resources and scheduling strategy.
+
+    pack: Ray's default (hybrid) strategy: the local node first, other nodes once it is about half used;
+    spread: Ray's SPREAD strategy: actors go round the nodes that have room, best effort.
+    """
+    validate_placement(placement, "placement")
+    opts: dict = {"scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
+    if custom_resources:
+        opts["resources"] = dict(custom_resources)
+    return opts
+
+
+def check_cluster_offers(resources: Mapping[str, float], where: str) -> None:
+    """Fail fast, naming the resource, when no live node of the cluster offers a custom resource in the amount one
+    actor asks for (Ray would otherwise keep the actor pending forever)."""
+    import ray
+
+    if not resources:
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for name, amount in resources.items():
+        if not any(node.get(name, 0.0) >= amount for node in nodes):
+            offered = sorted({k for node in nodes for k in node
+                              if k not in _BUILTIN_RESOURCES and not k.startswith("node:")})
+            raise ValueError(f"{where}: custom resource {name!r} x {amount:g} is not offered by any node of the Ray "
+                             f"cluster (custom resources there: {offered or 'none'}); start nodes with "
+                             f"`ray start --resources '{{\"{name}\": N}}'`")

@@ -22,6 +22,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rollout.cluster import (
+    check_cluster_offers,
+    scheduling_options,
+    validate_custom_resources,
+    validate_placement,
+)
 from rollout.sampling import resolve_seed
 from rollout.types import Rollout, SamplingParams
 from rollout.worker import RolloutWorker
@@ -33,7 +39,8 @@ class RolloutConfig:
 
     Engine: ``engine``, ``device``, ``max_batch_rows``. Workers: ``num_workers`` (0 = in-process, no Ray),
     ``num_cpus_per_worker`` (also the worker's OMP_NUM_THREADS), ``num_gpus_per_worker``, ``max_restarts``,
-    ``max_task_retries``. Sampling: ``sampling``. Scheduling: ``mode``.
+    ``max_task_retries``. Placement on a (multi-node) Ray cluster: ``custom_resources``, ``placement``.
+    Sampling: ``sampling``. Scheduling: ``mode``.
     """
 
     engine: str = field(default="torch", metadata={"help": "rollout engine: 'torch' or 'vllm'"})
@@ -46,6 +53,14 @@ class RolloutConfig:
     max_batch_rows: int | None = field(
         default=None, metadata={"help": "most samples per forward batch in one worker (None = all at once)"}
     )
+    custom_resources: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Ray custom resources each actor reserves, e.g. {rollout: 1} to run only on nodes started "
+                          "with `ray start --resources '{\"rollout\": N}'` (N actors fit on such a node)"})
+    placement: Literal["pack", "spread"] = field(
+        default="pack",
+        metadata={"help": "pack: Ray's default scheduler (the driver's node first, others once it is about half "
+                          "used); spread: Ray's SPREAD strategy, actors round the nodes that have room"})
     max_restarts: int = field(default=3, metadata={"help": "times Ray may restart a dead rollout actor"})
     max_task_retries: int = field(default=3, metadata={"help": "times Ray retries a call on a restarted actor"})
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"help": "rollout sampling settings"})
@@ -63,6 +78,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
         if self.mode not in ("sync", "async"):
             raise ValueError(f"rollout.mode must be 'sync' or 'async', got {self.mode!r}")
+        self.custom_resources = validate_custom_resources(self.custom_resources, "rollout.custom_resources")
+        validate_placement(self.placement, "rollout.placement")
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -123,7 +140,9 @@ class RolloutPool:
         if config.num_workers < 1:
             raise ValueError("RolloutPool needs num_workers >= 1 (use LocalRolloutPool for in-process rollouts)")
         threads = str(config.num_cpus_per_worker)
+        check_cluster_offers(config.custom_resources, "rollout.custom_resources")
         actor_cls = ray.remote(RolloutWorker).options(
+            **scheduling_options(config.custom_resources, config.placement),
             num_cpus=config.num_cpus_per_worker,
             num_gpus=config.num_gpus_per_worker,
             max_restarts=config.max_restarts,
@@ -209,6 +228,12 @@ class RolloutPool:
 
         return ray.get([w.pid.remote() for w in self.workers])
 
+    def worker_nodes(self) -> list[str]:
+        """The Ray node id each worker runs on now (a restarted worker may have moved)."""
+        import ray
+
+        return ray.get([w.node_id.remote() for w in self.workers])
+
     def shutdown(self) -> None:
         import ray
 
@@ -262,6 +287,10 @@ class LocalRolloutPool:
     def load_weights(self, state_dict: dict, version: int, adapter: bool = False) -> None:
         self._executor.submit(self.worker.load_weights, state_dict, int(version), bool(adapter)).result()
         self.version = int(version)
+
+    def worker_nodes(self) -> list[str | None]:
+        """[this process's Ray node id], or [None] when Ray is not running."""
+        return [self.worker.node_id()]
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

@@ -168,11 +168,20 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (hex id), or None outside Ray."""
+        import sys
+
+        ray = sys.modules.get("ray")  # an in-process worker must not start Ray by asking
+        if ray is None or not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_node_id()
+
     def info(self) -> dict:
         """Where and how this worker runs (process, threads, device, weights), for logs and checks."""
         return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"), "engine": type(self.engine).__name__,
+                "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"), "node_id": self.node_id(), "engine": type(self.engine).__name__,
                 "device": str(getattr(self.engine, "device", "")), "weight_version": self.weight_version()}
 
     def _encode(self, prompts) -> list[list[int]]:
