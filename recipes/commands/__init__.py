@@ -40,3 +40,30 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key (dotted path, value parsed as YAML); repeatable",
     )
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """``--ray-address``: run the rollout and reward actors on an existing (multi-node) Ray cluster."""
+    parser.add_argument(
+        "--ray-address", default=None, metavar="HOST:PORT",
+        help="join this Ray cluster for rollout and reward actors (default: $RAY_ADDRESS; with neither, a local "
+             "Ray is started when a config asks for actors)",
+    )
+
+
+def join_ray(address: str | None, command_name: str) -> str | None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) before anything creates actors; returns the address
+    used, or None when neither is set (nothing is started then). An address that does not answer ends the command
+    with an error naming it."""
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        return None
+    from rollout.cluster import init_ray
+
+    try:
+        init_ray(address)
+    except ConnectionError as e:
+        raise SystemExit(f"argrpo {command_name}: cannot join the Ray cluster: {e}") from e
+    return address

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recipes.commands import add_config_args, command
+from recipes.commands import add_config_args, add_ray_args, command, join_ray
 
 
 def configure(parser) -> None:
@@ -10,6 +10,7 @@ def configure(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in output_dir/checkpoints (same step and data)")
     parser.add_argument("--describe", action="store_true", help="print every config key with its help and exit")
+    add_ray_args(parser)
 
 
 @command("grpo", help="GRPO (TRL GRPOTrainer) with rollout workers and reward functions", configure=configure)
@@ -26,6 +27,7 @@ def run(args) -> int:
     if args.config is None:
         raise SystemExit("argrpo grpo: name a config file (e.g. recipes/configs/shapes/grpo.yaml), or --describe")
     cfg = load_config(GRPORunConfig, args.config, args.overrides)
+    join_ray(args.ray_address, "grpo")
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     from grpo.trainer import train
 

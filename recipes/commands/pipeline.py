@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.commands import add_config_args, command
+from recipes.commands import add_config_args, add_ray_args, command, join_ray
 
 STAGES = ("tokenizer", "pretrain", "sft", "grpo", "eval", "report")
 EVAL_STAGES = ("pretrain", "sft", "grpo")
@@ -203,6 +203,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--only", choices=STAGES, action="append", default=[],
                         help="run only these stages (repeatable); others are still skipped when done")
+    add_ray_args(parser)
 
 
 @command("pipeline", help="tokenizer -> pretrain -> SFT -> GRPO -> eval of every stage -> report",
@@ -215,6 +216,7 @@ def run(args) -> int:
 
     set_threads()
     cfg = load_config(PipelineConfig, args.config, args.overrides)
+    join_ray(args.ray_address, "pipeline")
     stages = build_stages(cfg, Path(args.config).resolve().parent)
     timings = {}
     bar = tqdm(stages, desc="pipeline", unit="stage", position=0, leave=True)

@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from recipes.commands import add_config_args, command
+from recipes.commands import add_config_args, command, join_ray
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -170,6 +170,7 @@ def run(args) -> int:
         raise ConfigError("--grid: give at least one key=v1,v2")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    join_ray(args.ray_address, "sweep")  # an unreachable address fails here, by name, before Tune starts
     rows = sweep(args.config, grid, args.seeds, args.out, args.overrides, args.cpus_per_trial,
                  args.gpus_per_trial, args.ray_address)
     print(sweep_table(rows))
