@@ -12,8 +12,10 @@ Random weights give nearly flat next-token distributions, so almost every draft 
 what the machinery does, not what a trained model gains. Only a trained checkpoint's acceptance is representative.
 
 Per model and CFG scale:
-- steps: forward passes of one batched call (``P x G`` rows; plain needs ``N``), tokens gained per row per pass, mean
-  passes per row, acceptance per window offset (P(accept | checked)); for several windows;
+- steps: forward passes of one batched call (``P x G`` rows; plain needs ``N``; the batch runs until its slowest row),
+  the per-row ratio (``N`` / mean passes per row), tokens gained per row per pass, acceptance per window offset
+  (P(accept | checked)); for several windows and three draft proposals: the defaults (neighbour prior + coupled
+  re-drafts), without the neighbour prior, and SJD as published (fresh re-drafts from the stale target);
 - wall: median seconds of plain vs SJD at batch 1 (latency, SimpleAR's setting) and at the batch above;
 - distribution: many samples of one prompt from SJD, from plain sampling and from plain sampling with another seed
   (the noise floor): per-position total variation of token frequencies, the smallest per-position chi-square
@@ -39,6 +41,13 @@ from bench.common import environment, summarize, time_repeats, write_results
 
 BENCH_MODEL = dict(size="bench", grid=(16, 16), codebook=16_384, text_vocab=256)
 SHAPES_RANDOM = dict(size="shapes", grid=(8, 8), codebook=109, text_vocab=64)
+# draft proposals compared for pass counts: the defaults (neighbour prior + coupled re-drafts), no neighbour prior,
+# and SJD as published (re-drafts sampled afresh from the stale target, no prior)
+VARIANTS = {
+    "default": {},
+    "no-prior": {"copy_left": 0.0, "copy_up": 0.0},
+    "plain-sjd": {"copy_left": 0.0, "copy_up": 0.0, "couple": False},
+}
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -147,13 +156,17 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
         res = results[f"cfg{cfg:g}"] = {}
         # -- steps and acceptance for several windows
         for w in args.windows:
-            st = JacobiStats(w)
-            jacobi_generate(engine, batch, sp, window=w, stats=st)
-            s = st.summary()
-            res[f"steps_w{w}"] = {**s, "acceptance": [round(x, 4) for x in s["acceptance"]]}
-            print(f"[{name} cfg {cfg:g} W={w}] passes {st.forward_steps} vs {st.plain_steps}: "
-                  f"{s['step_ratio']:.2f}x fewer; {s['tokens_per_step']:.2f} tokens/row/pass; "
-                  f"acceptance {[round(x, 2) for x in s['acceptance'][:6]]}", flush=True)
+            for variant, kw in VARIANTS.items():
+                st = JacobiStats(w)
+                jacobi_generate(engine, batch, sp, window=w, stats=st, **kw)
+                s = st.summary()
+                s["row_step_ratio"] = N / s["mean_row_steps"]
+                key = f"steps_w{w}" + ("" if variant == "default" else f"_{variant}")
+                res[key] = {**s, "acceptance": [round(x, 4) for x in s["acceptance"]]}
+                print(f"[{name} cfg {cfg:g} W={w} {variant}] passes {st.forward_steps} vs {st.plain_steps}: "
+                      f"{s['step_ratio']:.2f}x fewer (per row {s['row_step_ratio']:.2f}x); "
+                      f"{s['tokens_per_step']:.2f} tokens/row/pass; "
+                      f"acceptance {[round(x, 2) for x in s['acceptance'][:6]]}", flush=True)
         # -- wall time: latency (batch 1) and throughput (the batch)
         W = args.window
         wall = {}
@@ -206,6 +219,9 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
         row = {
             "model": name + ("" if trained else " (random)"), "cfg": cfg, "W": W,
             "passes SJD/plain": f"{s['forward_steps']}/{s['plain_steps']}", "step ratio": s["step_ratio"],
+            "per-row ratio": s["row_step_ratio"],
+            "step ratio no-prior / plain-sjd": (f"{res[f'steps_w{W}_no-prior']['step_ratio']:.2f} / "
+                                                f"{res[f'steps_w{W}_plain-sjd']['step_ratio']:.2f}"),
             "tokens/row/pass": s["tokens_per_step"], "P(acc) off 0": s["acceptance"][0],
             "wall ratio b1": wall["batch1"]["wall_ratio"], f"wall ratio b{P * G}": wall[f"batch{P * G}"]["wall_ratio"],
         }
@@ -298,7 +314,8 @@ def main(argv=None) -> dict:
         engine = TorchEngine(model, layout, uncond_prompt_ids=[1, 2])
         bp, bg = (int(x) for x in args.bench_batch.split("x"))
         a = argparse.Namespace(**{**vars(args), "geneval_per_tag": 0, "dist_samples": args.bench_dist_samples,
-                                  "prompts": bp, "G": bg, "repeats": max(1, args.repeats - 1)})
+                                  "prompts": bp, "G": bg, "repeats": max(1, args.repeats - 1),
+                                  "windows": [args.window]})
         res, r = bench_model("bench", engine, prompts, False, a, (3.0,))
         results["bench"] = res
         rows += r

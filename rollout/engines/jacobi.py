@@ -58,8 +58,8 @@ from rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
 from rollout.types import Rollout, SamplingParams
 
 DEFAULT_WINDOW = 16
-DEFAULT_COPY_LEFT = 0.4
-DEFAULT_COPY_UP = 0.4
+DEFAULT_COPY_LEFT = 0.5
+DEFAULT_COPY_UP = 0.45
 INITS = ("last", "uniform")
 # acceptance rules; only "speculative" keeps the model's distribution (the others exist so tests can show that a
 # wrong rule is caught by the distribution check)
@@ -298,6 +298,23 @@ class _JacobiBatch:
         codes, _ = sample_from_logprobs(q.reshape(b * w, C), u.reshape(b * w))
         return codes.view(b, w)
 
+    def _neighbour_weights(self, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row weights of the left / above point masses, [b, 1] each: ``copy_left`` (``copy_up``) times the
+        rate at which this row's accepted codes so far repeated their left (upper) neighbour (0 before any).
+        Only accepted codes enter, so the proposal stays fixed before its draft is drawn."""
+        n = self.out.shape[1]
+        t = torch.arange(n, device=self.out.device)
+        done = t[None] < self.acc[:, None]  # [b, n] accepted positions
+
+        def rate(lag: int) -> torch.Tensor:
+            if lag >= n:
+                return torch.zeros(len(self.acc), 1, device=self.out.device)
+            same = (self.out[:, lag:] == self.out[:, :-lag]) & done[:, lag:]
+            seen = done[:, lag:].sum(-1, keepdim=True)
+            return same.sum(-1, keepdim=True) / (seen + 1)
+
+        return self.copy_left * rate(1), self.copy_up * rate(gw)
+
     def _redraft(self, q, fresh, old_d, old_q, prev, u):
         """Drafts for the next window, position by position: (codes [b, w], their proposal log-probs [b, w, C]).
 
@@ -305,10 +322,11 @@ class _JacobiBatch:
         old_d [b, w] / old_q [b, w, C]: the earlier draft and its proposal (ignored where fresh); prev [b]: the code
         before the window; u [b, >= 2w] uniforms.
 
-        Neighbour prior: the proposal becomes ``(1 - a - b) q + a * delta(left code) + b * delta(code above)``
-        (``copy_left``, ``copy_up``; the left code is the new token or the draft just drawn, the code above comes
-        from the accepted prefix or the drafts). Image tokens repeat their neighbours (backgrounds, flat regions),
-        and ``q`` at the first re-drafted position was computed after a refused draft, so it often misses.
+        Neighbour prior: the proposal becomes ``(1 - a - b) q + a * delta(left code) + b * delta(code above)``,
+        with ``a`` / ``b`` from :meth:`_neighbour_weights` (the left code is the new token or the draft just drawn,
+        the code above comes from the accepted prefix or the drafts). Image tokens repeat their neighbours
+        (backgrounds, flat regions), and ``q`` at the first re-drafted position was computed after a refused draft,
+        so it often misses; on an image that does not repeat (or a random model) the weights fall towards 0.
         Coupling (``couple``): keep the earlier draft with probability min(1, q(x) / q_old(x)), else draw from
         the residual max(0, q - q_old): a maximal coupling, so the new draft is still distributed as ``q`` given
         everything before it, and drafts stop changing once their proposals settle. Each draft uses its own
@@ -321,17 +339,18 @@ class _JacobiBatch:
             q = q.clone()
         gw = self.engine.layout.grid[1]
         seq = self.out.clone()  # accepted codes, then the drafts as they are drawn
+        prior = self.copy_left > 0 or self.copy_up > 0
+        if prior:
+            lam_left, lam_up = self._neighbour_weights(gw)  # [b, 1] each
         for i in range(w):
             qi = q[:, i]
             pos = self.acc + i
-            if self.copy_left > 0 or self.copy_up > 0:
-                probs = qi.exp() * (1 - self.copy_left - self.copy_up)
-                probs[rows, prev] += self.copy_left
+            if prior:
+                probs = qi.exp() * (1 - lam_left - lam_up)
                 up = pos >= gw
-                if self.copy_up > 0:
-                    above = seq.gather(1, (pos - gw).clamp(min=0)[:, None])[:, 0]
-                    probs[rows[up], above[up]] += self.copy_up
-                    probs[rows[~up], prev[~up]] += self.copy_up  # first grid row: nothing above, use the left
+                above = torch.where(up, seq.gather(1, (pos - gw).clamp(min=0)[:, None])[:, 0], prev)
+                probs[rows, prev] += lam_left[:, 0]
+                probs[rows, above] += lam_up[:, 0]  # first grid row: nothing above, the left code instead
                 qi = q[:, i] = probs.log()
             if self.greedy:
                 x = qi.argmax(-1)
