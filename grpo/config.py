@@ -15,9 +15,11 @@ Sections (YAML keys; any key can be overridden with ``--set section.key=value``)
     checkpoint:  CheckpointConfig              every N steps, atomic, resumable
     eval:        EvalConfig                    periodic held-out evaluation
 
-Batch sizes use TRL's names. One optimizer step consumes ``per_device_train_batch_size * steps_per_generation``
-completions (``steps_per_generation`` defaults to ``gradient_accumulation_steps``), i.e. that number divided by
-``num_generations`` prompts, each sampled ``num_generations`` times.
+Batch sizes use TRL's names. One generation holds ``per_device_train_batch_size * steps_per_generation``
+completions per learner process (``steps_per_generation`` defaults to ``gradient_accumulation_steps``), times the
+number of processes (``WORLD_SIZE`` under ``torch.distributed.run`` / ``accelerate launch``), i.e. that number
+divided by ``num_generations`` prompts, each sampled ``num_generations`` times; a prompt's group may span two
+processes (TRL computes advantages after gathering every process's rewards).
 """
 
 from __future__ import annotations
@@ -118,12 +120,13 @@ class GRPOSection:
                 raise ValueError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
         if self.steps_per_generation is not None and self.steps_per_generation < 1:
             raise ValueError(f"grpo.steps_per_generation must be >= 1, got {self.steps_per_generation}")
-        if self.generation_batch_size % self.num_generations:
+        if self.global_generation_batch_size % self.num_generations:
+            n = learner_processes()
             raise ValueError(
                 f"grpo: the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
-                f"steps_per_generation {self.steps_per_generation or self.gradient_accumulation_steps} = "
-                f"{self.generation_batch_size} completions) must be divisible by num_generations "
-                f"{self.num_generations}, so every prompt gets its whole group")
+                f"steps_per_generation {self.steps_per_generation or self.gradient_accumulation_steps}"
+                f"{f' x {n} learner processes' if n > 1 else ''} = {self.global_generation_batch_size} completions) "
+                f"must be divisible by num_generations {self.num_generations}, so every prompt gets its whole group")
         if self.beta < 0:
             raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
@@ -140,8 +143,23 @@ class GRPOSection:
         return self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
 
     @property
+    def global_generation_batch_size(self) -> int:
+        """Completions per generation over all learner processes (TRL's ``GRPOConfig.generation_batch_size``)."""
+        return self.generation_batch_size * learner_processes()
+
+    @property
     def prompts_per_generation(self) -> int:
-        return self.generation_batch_size // self.num_generations
+        """Distinct prompts per generation over all learner processes (a prompt's group may span two of them)."""
+        return self.global_generation_batch_size // self.num_generations
+
+
+def learner_processes() -> int:
+    """How many learner processes this run has: ``WORLD_SIZE``, which ``torch.distributed.run``, ``accelerate
+    launch`` and DeepSpeed set for every process they start (1 when run directly). TRL's GRPOConfig counts
+    processes the same way, so the batch arithmetic here agrees with TRL's."""
+    import os
+
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def check_trl_passthrough(extra: dict) -> None:
