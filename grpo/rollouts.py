@@ -7,6 +7,13 @@ the pool once with ``G = num_generations`` (the pool samples a whole group per p
     prompt_ids [B] lists, completion_ids [B, N] lists (visual LM ids), logprobs [B, N] (the sampler's, used by the
     importance-sampling correction), images [B] uint8 [H, W, 3] (merged by TRL into the reward functions' kwargs)
 
+Several learner processes (``torch.distributed.run``): TRL cuts each generation's P*G repeated prompts into one
+contiguous slice per process, so a group can span two processes (TRL gathers every process's rewards before it
+computes advantages). Each process samples its own slice with its own pool: whole groups in one call, a group's
+head or tail (at the slice's ends) as a smaller call. Completion ``i`` of a generation (its row among all
+processes' P*G) always gets seed ``base(k) + i``, so the samples do not depend on the number of processes and the
+two halves of a split group never share a seed.
+
 Sync mode generates generation ``k`` when TRL asks for it. Async mode also submits generation ``k + 1`` right
 after handing ``k`` over, so the workers sample it while the learner trains on ``k``; when TRL then asks for
 ``k + 1`` the samples are (mostly) ready and one optimizer step stale, which the importance correction accounts for.
@@ -16,13 +23,38 @@ from __future__ import annotations
 
 import time
 
-from grpo.prompts import find_generation, generation_prompts
+from grpo.prompts import generation_prompts
 from grpo.stats import StepStats
 from grpo.weight_sync import WeightSync
-from rollout.types import SamplingParams
+from rollout.pool import RolloutFuture
+from rollout.types import Rollout, SamplingParams
 
 # Sample r of generation k uses seed base + k * SEED_STRIDE + r: generations never share a seed.
 SEED_STRIDE = 1 << 20
+
+
+def _segments(flat: list[str], offset: int, G: int) -> list[tuple[str, int, int]]:
+    """This process's slice (rows ``offset ..`` of the generation) -> (caption, first row, count) per group part.
+
+    Global row ``i`` belongs to group ``i // G``; every row of a part must carry the same caption.
+    """
+    parts: list[list] = []
+    for j, caption in enumerate(flat):
+        row = offset + j
+        if parts and (parts[-1][1] // G) == (row // G):
+            if caption != parts[-1][0]:
+                raise ValueError(f"rollout: rows {parts[-1][1]} and {row} belong to one group of {G} but carry "
+                                 f"different prompts; the prompt grouping this rollout function relies on has changed")
+            parts[-1][2] += 1
+        else:
+            parts.append([caption, row, 1])
+    return [tuple(p) for p in parts]
+
+
+def _process(trainer) -> tuple[int, int]:
+    """(this process's index, number of learner processes) from the trainer's accelerator."""
+    acc = getattr(trainer, "accelerator", None)
+    return (int(getattr(acc, "process_index", 0)), int(getattr(acc, "num_processes", 1))) if acc else (0, 1)
 
 
 def _captions(prompts) -> list[str]:
@@ -75,20 +107,20 @@ class RolloutSource:
     def __call__(self, prompts, trainer) -> dict:
         flat = _captions(prompts)
         G = self.G
-        if len(flat) % G:
-            raise ValueError(f"rollout: {len(flat)} prompts is not a multiple of num_generations {G}")
-        batch = flat[::G]
-        if [c for c in batch for _ in range(G)] != flat:
-            raise ValueError("rollout: TRL did not hand over each prompt's G copies in a row; the prompt grouping "
-                             "this rollout function relies on has changed")
-        k = find_generation(self.captions, batch, self.P, hint=self._next_k) if len(batch) == self.P else None
+        rank, n_proc = _process(trainer)
+        if (len(flat) * n_proc) % G:
+            raise ValueError(f"rollout: {len(flat)} prompts x {n_proc} processes is not a multiple of "
+                             f"num_generations {G}")
+        offset = rank * len(flat)  # this slice's first row among the generation's rows (TRL's slicing)
+        segments = _segments(flat, offset, G)
+        k = self._find_generation(flat, offset)
         model = trainer.model
         version = int(trainer.state.global_step)
 
         sync_s = self.sync.take_seconds()
         t0, c0 = time.perf_counter(), time.process_time()
         pending, self._pending = self._pending, None
-        if pending is not None and k is not None and pending[0] == k and pending[1] == batch:
+        if pending is not None and k is not None and pending[0] == k and pending[1] == flat:
             rollout = pending[2].result()  # sampled while the learner trained the previous step
             self.prefetch_hits += 1
         else:
@@ -97,7 +129,7 @@ class RolloutSource:
                 self.prefetch_misses += 1
             self.sync.ensure(model, version)
             kk = k if k is not None else -1 - self._calls
-            rollout = self.pool.generate(batch, G, self._sampling(kk))
+            rollout = self._submit(segments, kk).result()
         pushed = self.sync.take_seconds()
         wait = time.perf_counter() - t0 - pushed  # the push is accounted as sync, not as waiting for samples
         cpu = time.process_time() - c0
@@ -105,10 +137,10 @@ class RolloutSource:
         self._calls += 1
 
         if self.mode == "async" and k is not None:
-            nxt = generation_prompts(self.captions, k + 1, self.P)
+            nxt = self._slice(k + 1, offset, len(flat))
             if nxt is not None:
                 self.sync.ensure(model, version)
-                self._pending = (k + 1, nxt, self.pool.generate_async(nxt, G, self._sampling(k + 1)))
+                self._pending = (k + 1, nxt, self._submit(_segments(nxt, offset, G), k + 1))
         self._next_k = None if k is None else k + 1
         self.generations.append(k)
 
@@ -130,6 +162,40 @@ class RolloutSource:
             "logprobs": rollout.logprobs.float().tolist(),
             "images": list(rollout.images),
         }
+
+    def _slice(self, k: int, offset: int, length: int) -> list[str] | None:
+        """Generation ``k``'s repeated prompts, rows ``offset .. offset+length`` (None past the stream's end)."""
+        prompts = generation_prompts(self.captions, k, self.P)
+        if prompts is None or offset + length > len(prompts) * self.G:
+            return None
+        return [prompts[i // self.G] for i in range(offset, offset + length)]
+
+    def _find_generation(self, flat: list[str], offset: int) -> int | None:
+        """Which generation of the stream this slice is (the expected one is checked first); None if none."""
+        n = len(self.captions) // self.P
+        hint = self._next_k
+        order = ([hint] if hint is not None and 0 <= hint < n else []) + [k for k in range(n) if k != hint]
+        for k in order:
+            if self._slice(k, offset, len(flat)) == flat:
+                return k
+        return None
+
+    def _submit(self, segments: list[tuple[str, int, int]], k: int) -> RolloutFuture:
+        """Sample the slice's group parts: whole groups in one pool call, a split group's part as its own call;
+        row ``i`` of the generation gets seed ``base(k) + i`` (see the module docstring)."""
+        base = self._sampling(k)
+        calls: list[tuple[list[str], int, int]] = []  # (prompts, samples per prompt, first row)
+        for caption, row, count in segments:
+            if count == self.G and calls and calls[-1][1] == self.G:
+                calls[-1][0].append(caption)
+            else:
+                calls.append(([caption], count, row))
+        futures = [self.pool.generate_async(prompts, n, base.with_(seed=base.seed + row))
+                   for prompts, n, row in calls]
+        if len(futures) == 1:
+            return futures[0]
+        return RolloutFuture(lambda: Rollout.concat([f.result() for f in futures]),
+                             lambda: all(f.done() for f in futures))
 
     def close(self) -> None:
         """Wait for a prefetched job (so the pool can shut down cleanly)."""
