@@ -1,4 +1,9 @@
-"""Trainer callbacks: step timing, metrics.jsonl, image grids, a compact progress bar, checkpoints, evaluation."""
+"""Trainer callbacks: step timing, metrics.jsonl, image grids, a compact progress bar, checkpoints, evaluation.
+
+With several learner processes (``torch.distributed.run``), only the main process (``state.is_world_process_zero``)
+writes files, shows progress and evaluates; every process times its steps and pushes weights to its own rollout
+pool, and the time budget stops all of them at the same step.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,20 @@ import numpy as np
 from transformers import TrainerCallback
 
 from grpo.stats import StepStats
+
+
+def _max_over_processes(value: float) -> float:
+    """The largest ``value`` over all learner processes (itself when there is one): a decision to stop must be the
+    same everywhere, or the processes that go on wait forever in the next collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _is_train_log(logs: dict) -> bool:
@@ -77,7 +96,7 @@ class TimeBudget(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         key = "cpu/step" if self.clock == "cpu" else "step"
-        self.used = self.stats.totals.get(key, 0.0)
+        self.used = _max_over_processes(self.stats.totals.get(key, 0.0))
         self.stats.set("budget/used_minutes", self.used / 60.0)
         if self.used >= self.limit:
             control.should_training_stop = True
@@ -96,6 +115,8 @@ class MetricsJsonl(TrainerCallback):
         self._start = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             keep = []
@@ -108,7 +129,7 @@ class MetricsJsonl(TrainerCallback):
             self.path.write_text("".join(x + "\n" for x in keep))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or not _is_train_log(logs):
+        if not logs or not _is_train_log(logs) or not state.is_world_process_zero:
             return
         row = {"step": state.global_step, "wall": round(time.time() - self._start, 3)}
         for k, v in logs.items():
@@ -177,6 +198,8 @@ class ImageGridLogger(TrainerCallback):
         step = state.global_step
         if not self.every or (step % self.every and step != 1) or self.stats.batch is None:
             return
+        if not state.is_world_process_zero:
+            return
         b = self.stats.batch
         grid = image_grid(b["prompts"], b["images"], b["scores"], self.weights, self.G, self.max_prompts)
         from PIL import Image
@@ -206,7 +229,7 @@ class ProgressBar(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.enabled:
+        if self.enabled and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="grpo", dynamic_ncols=True)
@@ -231,15 +254,23 @@ class ProgressBar(TrainerCallback):
 
 
 class Checkpointer(TrainerCallback):
-    """Every ``every`` steps, a resumable checkpoint (grpo.checkpointing), keeping the newest ``keep``."""
+    """Every ``every`` steps, a resumable checkpoint (grpo.checkpointing), keeping the newest ``keep``.
+
+    It is written once the step's log line is out (this callback comes after MetricsJsonl), as Trainer itself does:
+    a checkpoint then holds its step's metrics, and a kill between the two loses no step's line (the resumed run
+    redoes and logs the step). Its own time goes into the next step's ``time/checkpoint``.
+    """
 
     def __init__(self, trainer, root: str | Path, every: int, keep: int, stats: StepStats, **save_kwargs):
         self.trainer, self.root, self.every, self.keep = trainer, Path(root), int(every), int(keep)
         self.stats, self.save_kwargs = stats, save_kwargs
         self.saved: list[Path] = []
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.every or state.global_step % self.every:
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not _is_train_log(logs) or not self.every or state.global_step % self.every:
+            return
+        # data-parallel replicas hold the same weights and optimizer state: the main process writes them alone
+        if not state.is_world_process_zero:
             return
         from grpo.checkpointing import prune_checkpoints, save_checkpoint
 
@@ -270,9 +301,9 @@ class PeriodicEval(TrainerCallback):
         return values
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.every and self.at_start and state.global_step == 0:
+        if self.every and self.at_start and state.global_step == 0 and state.is_world_process_zero:
             self._run(0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0:
+        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
             self._run(state.global_step)
