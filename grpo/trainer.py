@@ -18,6 +18,14 @@ Two small additions where TRL has no hook, both pinned by tests/test_grpo_trl_pi
    built; TRL's ``sync_weights`` call goes to a no-op, argrpo syncs weights itself), so TRL computes
    ``min(exp(old_logp - sampler_logp), cap)`` per token, multiplies it into the loss and logs its statistics
    (``sampling/importance_sampling_ratio/*``, ``sampling/sampling_logp_difference/*``).
+
+Several learner processes (``python -m torch.distributed.run --nproc_per_node N -m recipes.cli grpo ...``, or
+``accelerate launch`` with a DDP / DeepSpeed / FSDP config on GPUs): accelerate wraps the model as TRL does, and
+every process runs the same script. Each process owns a rollout pool (in-process, or its own Ray actors in a
+cluster shared by address) and samples the slice of each generation TRL hands it (grpo.rollouts); rewards are
+scored on that slice in the process; TRL gathers all rewards before computing group advantages, so a group may
+span processes. Only the main process writes metrics, image grids, checkpoints and the final policy (the
+replicas' weights and optimizer states are identical under DDP).
 """
 
 from __future__ import annotations
@@ -179,7 +187,10 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per learner process
     out = Path(cfg.output_dir)
+    _check_shared_ray(cfg)
 
     # Inputs first, cheapest first (prompts, rewards, policy), so a bad one fails by name before any worker starts
     # or anything is written to output_dir.
@@ -200,6 +211,29 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     except BaseException:
         _close_all(reward_funcs, pools)
         raise
+
+
+def _is_main_process() -> bool:
+    """Whether this is the learner's main process (``RANK`` 0, or the only one); it alone writes run files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_shared_ray(cfg: GRPORunConfig) -> None:
+    """Several learner processes each own their rollout pool and reward actors (see ``train``). On Ray those must
+    live in one shared cluster joined by address; a local Ray started by each process would overbook the machine."""
+    from grpo.config import learner_processes
+
+    n = learner_processes()
+    if n == 1 or not (cfg.rollout.num_workers > 0 or cfg.reward_actors):
+        return
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        raise ValueError(
+            f"{n} learner processes with Ray actors (rollout.num_workers={cfg.rollout.num_workers}, "
+            f"reward_actors={cfg.reward_actors}) need one shared Ray cluster: start it (`ray start --head`) and pass "
+            f"--ray-address (or set RAY_ADDRESS), or use in-process rollouts and rewards (rollout.num_workers=0, "
+            f"reward_actors=false)")
 
 
 def _close_all(reward_funcs, pools) -> None:
@@ -256,7 +290,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     callbacks: dict = {"timer": cb.StepTimer(stats), "jsonl": cb.MetricsJsonl(out / "metrics.jsonl"),
                        "progress": cb.ProgressBar(cfg.logging.progress)}
     hf_callbacks = [callbacks["timer"]]
-    if "tensorboard" in cfg.logging.report_to:
+    if "tensorboard" in cfg.logging.report_to and _is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks["tb_writer"] = SummaryWriter(str(out / "tensorboard"))
@@ -294,9 +328,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
             trainer, out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, stats,
             tokenizer=tokenizer, layout=layout, image_tokenizer_path=loaded.image_tokenizer_path,
             base_model_path=base_model_path, run_state={"config": to_dict(cfg), "prompts_per_generation": P})
-        # checkpoints go before the log line of their step is written, after timing (its own time is logged)
-        trainer.callback_handler.callbacks.insert(
-            trainer.callback_handler.callbacks.index(callbacks["timer"]) + 1, callbacks["checkpoints"])
+        trainer.add_callback(callbacks["checkpoints"])  # last: it saves after the step's log line is written
     if cfg.budget_minutes:
         callbacks["budget"] = cb.TimeBudget(cfg.budget_minutes, cfg.budget_clock, stats)
         trainer.callback_handler.callbacks.insert(
@@ -340,13 +372,36 @@ def _default_eval_fn(cfg: GRPORunConfig, run: GRPORun):
     return fn
 
 
+def _finished_from_checkpoint(cfg: GRPORunConfig, ckpt: Path) -> dict:
+    """``--resume`` when the newest checkpoint already holds every step: nothing is trained (from a checkpoint at
+    max_steps, transformers would train one step more), the final policy is written from the checkpoint."""
+    import json
+
+    from grpo.checkpointing import save_policy_files
+    from models.policy import load_policy, read_policy_meta
+
+    out = Path(cfg.output_dir)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    final = None
+    if cfg.checkpoint.save_final and int(os.environ.get("RANK", "0")) == 0:
+        loaded = load_policy(ckpt)
+        final = save_policy_files(out / "final", loaded.model, loaded.tokenizer, loaded.layout,
+                                  loaded.image_tokenizer_path, (read_policy_meta(ckpt) or {}).get("base_model"),
+                                  extra={"grpo_step": state["global_step"]})
+    history = [h for h in state.get("log_history", []) if "reward" in h]
+    logger.info("--resume: %s already holds all %d steps; nothing to train", ckpt, cfg.grpo.max_steps)
+    return {"output_dir": str(out), "final": str(final) if final else None, "steps": state["global_step"],
+            "resumed_from": str(ckpt), "seconds": 0.0, "time_totals": {}, "last": history[-1] if history else {},
+            "eval": [], "prefetch": {"hits": 0, "misses": 0}}
+
+
 def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
     """Run GRPO as configured; returns a summary (final metrics, paths, time split).
 
     resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (same step, data position,
     optimizer, scheduler and RNG); without one, start from the beginning.
     """
-    from grpo.checkpointing import check_resumable, latest_checkpoint, save_policy_files
+    from grpo.checkpointing import check_resumable, latest_checkpoint, read_run_state, save_policy_files
 
     out = Path(cfg.output_dir)
     ckpt = None
@@ -363,12 +418,14 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
             layout = TokenLayout.from_dict(meta["layout"]) if meta else None
             check_resumable(ckpt, {**to_dict(cfg), "prompts_per_generation": cfg.grpo.prompts_per_generation},
                             layout)
+            if read_run_state(ckpt)["step"] >= cfg.grpo.max_steps:
+                return _finished_from_checkpoint(cfg, ckpt)
     run = build_run(cfg, eval_fn=eval_fn)
     t0 = time.perf_counter()
     try:
         run.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         final = None
-        if cfg.checkpoint.save_final:
+        if cfg.checkpoint.save_final and run.trainer.is_world_process_zero():
             model = run.trainer.accelerator.unwrap_model(run.trainer.model)
             final = save_policy_files(out / "final", model, run.tokenizer, run.layout, run.image_tokenizer_path,
                                       run.base_model_path, extra={"grpo_step": run.trainer.state.global_step})
