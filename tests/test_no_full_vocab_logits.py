@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from grpo_fixtures import run_overrides, shared_world
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -20,8 +21,6 @@ from grpo.lm_stage import CodesCollator, visual_lm_loss
 from grpo.trainer import build_run
 from models.policy import load_policy
 from recipes.config import load_config
-
-from grpo_fixtures import run_overrides, shared_world
 
 
 class FullVocabWatch(TorchDispatchMode):
