@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -271,13 +272,19 @@ def test_image_tokenizer_grid_does_not_match_layout(world, plugins, tmp_path):
 
 # ---- infrastructure -----------------------------------------------------------------------------------------------
 def test_ray_address_that_does_not_answer(world, tmp_path):
-    """Port 1 on loopback: nothing listens there. The command ends with an error naming the address (a socket probe
-    first, instead of Ray's own minute of connection retries), before anything is written."""
+    """Port 1 on loopback: nothing listens there. `argrpo grpo --ray-address` ends with an error naming the address
+    (a socket probe first, instead of Ray's own minute of connection retries) before anything is written. A fresh
+    process, as a user runs it (a Ray already started in this one would be reused)."""
+    import subprocess
+    import sys
+
     out = tmp_path / "out"
     path = tmp_path / "run.yaml"
     path.write_text(base_yaml(world, out).replace("rollout: {num_workers: 0}", "rollout: {num_workers: 1}"))
-    with pytest.raises((SystemExit, ConnectionError), match=r"Ray address '127.0.0.1:1' does not answer"):
-        argrpo(["grpo", str(path), "--ray-address", "127.0.0.1:1"])
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "grpo", str(path), "--ray-address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "Ray address '127.0.0.1:1' does not answer" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
     assert not out.exists()
 
 
