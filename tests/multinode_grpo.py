@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -22,14 +23,15 @@ def main(workdir: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import ray
+    from grpo_fixtures import build_world, run_overrides
     from ray.cluster_utils import Cluster
 
     from grpo.config import GRPORunConfig
     from grpo.trainer import build_run
-    from grpo_fixtures import build_world, run_overrides
     from recipes.config import load_config
     from rollout.cluster import init_ray
 
+    t0 = time.perf_counter()
     root = Path(workdir)
     world = build_world(root / "world")
     sys.path.insert(0, str(world["plugins"]))  # the plugin reward; reward actors get it through PYTHONPATH
@@ -42,6 +44,7 @@ def main(workdir: str) -> dict:
     try:
         cluster.add_node(num_cpus=2, resources={"node_b": 4})
         cluster.wait_for_nodes()
+        t_cluster = time.perf_counter()
         init_ray(cluster.address)  # joins, as `--ray-address` does
         names = {n["NodeID"]: ("node_a" if "node_a" in n["Resources"] else "node_b")
                  for n in ray.nodes() if n["Alive"]}
@@ -52,6 +55,7 @@ def main(workdir: str) -> dict:
             "reward_actors": True, "reward_pool.custom_resources": "{node_b: 1}",
             "grpo.max_steps": 2}))
         run = build_run(cfg)
+        t_built = time.perf_counter()
         try:
             run.trainer.train()
             rollout_nodes = run.pool.worker_nodes()
@@ -62,7 +66,9 @@ def main(workdir: str) -> dict:
         logs = [h for h in run.trainer.state.log_history if "reward" in h]
         return {"address": cluster.address, "steps": run.trainer.state.global_step, "max_steps": cfg.grpo.max_steps,
                 "rewards": [h["reward"] for h in logs], "rollout_nodes": [names[n] for n in rollout_nodes],
-                "reward_nodes": {k: names[n] for k, n in reward_nodes.items()}, "node_names": sorted(names.values())}
+                "reward_nodes": {k: names[n] for k, n in reward_nodes.items()}, "node_names": sorted(names.values()),
+                "seconds": {"world_and_cluster": round(t_cluster - t0, 1), "join_and_build": round(t_built - t_cluster, 1),
+                            "train": round(time.perf_counter() - t_built, 1)}}
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from grpo_fixtures import run_overrides, shared_world
 
 TESTS = Path(__file__).resolve().parent
@@ -92,7 +91,7 @@ def test_every_group_of_every_step_is_scored_exactly_once(two_process_run, monke
             for s in x:
                 groups[s["row"]].append((r, s["completion"]))
         assert sorted(groups) == sorted(expected_rows)
-        for row, members in groups.items():
+        for members in groups.values():
             assert len(members) == G  # the whole group, no duplicate, none missing
             assert len({c for _, c in members}) == G  # G distinct samples (a split group's halves never share seeds)
             split += len({r for r, _ in members}) > 1
@@ -118,3 +117,22 @@ def test_split_rollouts_equal_one_process_sampling_the_whole_generation(two_proc
         ro = pool.generate(captions, G, source._sampling(0))
     digests = [hashlib.sha1(json.dumps(ids).encode()).hexdigest() for ids in ro.completion_ids.tolist()]
     assert [s["completion"] for s in step0] == digests
+
+
+def test_several_processes_with_ray_actors_need_a_shared_cluster(monkeypatch, tmp_path):
+    """Each learner process would otherwise start its own local Ray and overbook the machine."""
+    import ray
+
+    from grpo.config import GRPORunConfig
+    from grpo.trainer import build_run
+    from recipes.config import load_config
+
+    world = shared_world()
+    monkeypatch.setenv("WORLD_SIZE", str(NPROC))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh learner process
+    cfg = load_config(GRPORunConfig, None, run_overrides(world, tmp_path / "run", **{
+        "grpo.per_device_train_batch_size": B, "rollout.num_workers": 1}))
+    with pytest.raises(ValueError, match="2 learner processes with Ray actors .* need one shared Ray cluster"):
+        build_run(cfg)
+    assert not (tmp_path / "run").exists()
