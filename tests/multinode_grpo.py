@@ -20,6 +20,9 @@ def main(workdir: str) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray's cluster mode off: both simulated nodes (and every server they start) listen on 127.0.0.1 only, and
+    # joining "127.0.0.1:port" is not rewritten to the machine's routable address (set before ray is imported)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import ray
@@ -36,9 +39,7 @@ def main(workdir: str) -> dict:
     world = build_world(root / "world")
     sys.path.insert(0, str(world["plugins"]))  # the plugin reward; reward actors get it through PYTHONPATH
 
-    # two nodes of 2 CPUs each, told apart by a custom resource. They take Ray's default node address (the
-    # machine's own IP): a driver joining "127.0.0.1:port" has it rewritten to that IP by Ray, so a loopback-only
-    # cluster could not be joined by address.
+    # two nodes of 2 CPUs each, told apart by a custom resource
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {"node_a": 4}, "include_dashboard": False})
     try:

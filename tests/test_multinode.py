@@ -87,6 +87,7 @@ def test_two_node_cluster_runs_grpo_on_both_nodes(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["address"].startswith("127.0.0.1:")  # joined by address, cluster on loopback only
     assert result["node_names"] == ["node_a", "node_b"]
     assert sorted(result["rollout_nodes"]) == ["node_a", "node_b"]  # one rollout worker on each node
     assert result["reward_nodes"] == {"user_rewards:redness": "node_b"}
