@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
     args = p.parse_args(argv)
 
-    from bench.common import environment, write_results
+    from bench.common import environment, markdown_table, write_results
     from grpo.config import GRPORunConfig
     from recipes.config import load_config
 
@@ -143,10 +143,11 @@ def main(argv=None) -> int:
     notes = [f"budget: {args.budget_minutes} min of {args.clock} time per run; held-out: {eval_cfg.prompts} "
              f"({eval_cfg.shapes_per_tag}/tag) x {eval_cfg.settings.sampling.n} samples, cfg "
              f"{eval_cfg.settings.sampling.cfg_scale}, seed {eval_cfg.settings.sampling.seed}; SE over prompts",
-             "per-tag accuracy:", "", *__import__("bench.common", fromlist=["x"]).markdown_table(tag_rows).split("\n"),
-             "", f"curves: {png.name}", f"overrides: {args.overrides}"]
-    write_results(args.name, {"sft": sft, "runs": runs, "args": vars(args), "environment": environment(1)}, rows,
-                  notes=notes, out_dir=results_dir)
+             f"curves: {png.name}", f"overrides: {args.overrides}"]
+    _, md = write_results(args.name, {"sft": sft, "runs": runs, "args": vars(args), "environment": environment(1)},
+                          rows, notes=notes, out_dir=results_dir)
+    md.write_text(md.read_text() + "\n## Held-out accuracy per tag (± SE over prompts)\n\n"
+                  + markdown_table(tag_rows) + "\n")
     return 0
 
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from grpo_fixtures import shared_world
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo.config import CorrectionConfig
 from grpo.logprobs import reference_logprobs
 from grpo.trainer import ARGRPOTrainer
 from models.policy import load_policy
-
-from grpo_fixtures import shared_world
 
 
 @pytest.fixture(scope="module")
