@@ -20,6 +20,7 @@ Per model and CFG scale:
 - distribution: many samples of one prompt from SJD, from plain sampling and from plain sampling with another seed
   (the noise floor): per-position total variation of token frequencies, the smallest per-position chi-square
   p-value (Bonferroni over positions), per-position mean sampler logprob as a z-score of the difference;
+- logprob err: largest difference between SJD's sampler logprobs and log p recomputed by full forwards (CFG incl.);
 - greedy: fraction of rows where SJD greedy == plain greedy (exact in float64; float32 may flip near-ties);
 - GenEval-shapes score of plain vs SJD (trained shapes checkpoint + the ``shapes`` detector), same prompts and seeds.
 
@@ -207,6 +208,8 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
                   f"(plain-vs-plain {f['tv_mean']:.3f}), min p {d['min_pvalue_bonferroni']:.3g} "
                   f"({f['min_pvalue_bonferroni']:.3g}), logprob |z| max {d['logprob_z_max_abs']:.2f} "
                   f"({f['logprob_z_max_abs']:.2f})", flush=True)
+        # -- sampler logprobs of SJD samples against a full-sequence recompute (CFG included)
+        res["logprob_max_abs_err"] = logprob_error(engine, batch[:2], sp.with_(n=2, seed=7), W)
         # -- greedy equality
         g_sp = SamplingParams(temperature=0.0, cfg_scale=cfg, n=1)
         a = engine.generate(batch, g_sp).completion_ids
@@ -223,7 +226,9 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
             "step ratio no-prior / plain-sjd": (f"{res[f'steps_w{W}_no-prior']['step_ratio']:.2f} / "
                                                 f"{res[f'steps_w{W}_plain-sjd']['step_ratio']:.2f}"),
             "tokens/row/pass": s["tokens_per_step"], "P(acc) off 0": s["acceptance"][0],
-            "wall ratio b1": wall["batch1"]["wall_ratio"], f"wall ratio b{P * G}": wall[f"batch{P * G}"]["wall_ratio"],
+            "wall ratio b1": wall["batch1"]["wall_ratio"], "batch": P * G,
+            "wall ratio batch": wall[f"batch{P * G}"]["wall_ratio"],
+            "logprob err": res["logprob_max_abs_err"],
         }
         if dist:
             row["TV SJD (plain-plain)"] = f"{dist['sjd_vs_plain']['tv_mean']:.3f} ({dist['plain_vs_plain']['tv_mean']:.3f})"
@@ -235,6 +240,27 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
                                           f"{gv['sjd']['overall']:.3f}±{gv['sjd']['stderr']:.3f}")
         rows.append(row)
     return results, rows
+
+
+@torch.inference_mode()
+def logprob_error(engine, prompts, sp, window) -> float:
+    """Largest |SJD sampler logprob - log p recomputed by full forwards of prompt + image| over the rows."""
+    from rollout.engines.jacobi import jacobi_generate
+    from rollout.sampling import final_logprobs
+
+    layout, model = engine.layout, engine.model
+    out = jacobi_generate(engine, prompts, sp, window=window)
+    N, vs = layout.n_image_tokens, layout.visual_slice
+    uncond = engine._uncond_prompt_ids(sp) if sp.use_cfg else None
+    worst = 0.0
+    for r in range(len(out)):
+        ids = out.completion_ids[r].tolist()
+        dev = engine.device
+        lc = model(torch.tensor([out.prompt_ids[r] + ids], device=dev)).logits[0, -N - 1 : -1]
+        lu = model(torch.tensor([uncond + ids], device=dev)).logits[0, -N - 1 : -1] if uncond else None
+        lp = final_logprobs(lc, lu, sp, vs).gather(-1, (out.completion_ids[r].to(dev) - vs.start)[:, None])[:, 0]
+        worst = max(worst, float((lp.cpu() - out.logprobs[r]).abs().max()))
+    return worst
 
 
 def geneval_both(policy, engine, sp, args) -> dict:
@@ -277,9 +303,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quick:  # smaller defaults; options given explicitly still win
+        ap.set_defaults(models="shapes", repeats=2, dist_samples=300, geneval_per_tag=4)
+        args = ap.parse_args(argv)
     args.windows = sorted({int(w) for w in args.windows.split(",")} | {args.window})
-    if args.quick:
-        args.models, args.repeats, args.dist_samples, args.geneval_per_tag = "shapes", 2, 300, 4
     from models.runtime import set_threads
 
     threads = set_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
