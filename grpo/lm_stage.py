@@ -304,6 +304,42 @@ def _trainer_class():
                 self._metric_sums, self._metric_count = {}, 0
             super().log(logs, start_time)
 
+        _staging: Path | None = None
+
+        def _get_output_dir(self, trial):
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            """Trainer's checkpoint, written in a temp dir and renamed into place when complete.
+
+            Trainer writes ``checkpoint-N`` in place, file after file, and rotates old ones with a plain recursive
+            delete; a kill in either leaves a directory that is neither complete nor absent. Here Trainer writes
+            into ``<tmp>/checkpoint-N`` (``_get_output_dir`` points at the temp dir meanwhile), the files move up
+            into the temp dir, which ``atomic_dir`` renames to ``checkpoint-N``; old checkpoints beyond
+            ``save_total_limit`` are renamed away before they are deleted.
+            """
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from models.checkpoint import atomic_dir, recover_all, remove_dir
+
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            recover_all(run_dir)  # temp dirs of a save or a deletion that was killed
+            with atomic_dir(run_dir / name) as tmp:
+                self._staging = tmp
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging = None
+                written = tmp / name
+                for entry in list(written.iterdir()):
+                    os.replace(entry, tmp / entry.name)
+                written.rmdir()
+            limit = self.args.save_total_limit
+            if limit:
+                for old in complete_checkpoints(run_dir)[:-limit]:
+                    remove_dir(old)
+
         def _save(self, output_dir=None, state_dict=None):
             from models.policy import save_policy
 
