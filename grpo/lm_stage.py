@@ -372,6 +372,10 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(out)]
 
 
+def _finished(checkpoint: str | Path, max_steps: int) -> bool:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] >= max_steps
+
+
 def _resume_point(cfg: LMStageConfig) -> str | None:
     r = cfg.train.resume
     if r == "never":
@@ -462,6 +466,10 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     tokenizer = build_text_tokenizer_for(cfg, captions, special)
     layout = layout_preset(cfg.layout, text_vocab_size=len(tokenizer), **geometry)
     model, _ = policy_from_config(cfg.policy, layout=layout, device=device)
+    base = _hf_model(model)
+    for conf in (base.config, getattr(base, "generation_config", None)):
+        if conf is not None:  # the new text tokenizer's pad id, so Trainer has nothing to "align"
+            conf.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, layout, image_tokenizer, tok_dir
 
 
@@ -526,7 +534,18 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     )
     resume = _resume_point(cfg)
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume)
+    if resume is not None and _finished(resume, t.max_steps):
+        # Nothing left to train. Trainer would still take one step past max_steps from a checkpoint that already
+        # has them all (its stop check runs after a step), so the checkpoint's weights are taken as they are.
+        from transformers import TrainerState
+
+        from models.policy import load_policy
+
+        trainer.model.load_state_dict(load_policy(resume, device=str(device)).model.state_dict())
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        out = None
+    else:
+        out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     _publish(output_dir, trainer.model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
              extra={"stage_step": int(trainer.state.global_step)})
