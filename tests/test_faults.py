@@ -114,49 +114,84 @@ KILLS = [
 ]
 
 
-def test_sigkill_at_any_moment_leaves_the_last_checkpoint_loadable_and_resume_matches(world, tmp_path):
-    """The learner is SIGKILLed four times (inside a checkpoint write, inside an old checkpoint's deletion, and
-    at two seeded random moments after a step), resumed each time, then run to the end and resumed once more.
-    After every kill each directory that counts as a checkpoint loads completely; half-written and half-deleted
-    ones never count. The finished run logs each step once, a resume of it trains nothing, and it ends with the
-    weights and rewards of a run that was never killed."""
-    steps = 10
-    overrides = run_overrides(world, tmp_path / "unused", **{
-        "grpo.max_steps": steps, "checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.save_final": True})
-    overrides = [o for o in overrides if not o.startswith("output_dir=")]
-    spec = {"overrides": overrides, "plugins": str(world["plugins"]), "output_dir": str(tmp_path / "run" / "out"),
-            "reference_dir": str(tmp_path / "ref" / "out"), "kills": KILLS, "seed": 0, "timeout_s": 600}
+def run_kill_driver(tmp_path: Path, spec: dict) -> dict:
+    spec = {**spec, "output_dir": str(tmp_path / "run" / "out"), "reference_dir": str(tmp_path / "ref" / "out"),
+            "kills": KILLS, "seed": 0, "timeout_s": 600}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     report_path = tmp_path / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     proc = subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(tmp_path / "spec.json"),
                            str(report_path)], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text())
 
+
+def check_kill_report(report: dict, prefix: str, steps: int, keep: int) -> None:
+    """After every kill: a complete checkpoint to resume from, and the one being written or deleted when the
+    process died is not among those that count. At the end: each step logged once, killed writers' temp dirs
+    swept, and a resume of the finished run trains nothing."""
     for kill, entry in zip(KILLS, report["kills"]):
         assert entry["killed"], entry
-        assert entry["checkpoints"], entry  # there is always a complete one to resume from
-        hidden = [e for e in entry["entries"] if e.startswith(".")]
+        assert entry["checkpoints"], entry
         if kill["kind"] in ("during_write", "during_delete"):
-            step = int(re.search(r"\.step-(\d+)\.tmp-", Path(entry["marker"]).name).group(1))
-            assert any(h.startswith(f".step-{step:07d}.tmp-") for h in hidden), entry
-            assert step not in entry["checkpoints"], entry  # the half-written / half-deleted one does not count
-    first = report["kills"][0]
-    assert first["checkpoints"] == [1]
-
-    final = report["final"]
-    assert final["exit"] == 0 and report["reference"]["exit"] == 0
+            step = int(re.search(rf"/\.{prefix}(\d+)\.tmp-", entry["marker"]).group(1))
+            hidden = [e for e in entry["entries"] if e.startswith(".")]
+            assert any(re.match(rf"\.{prefix}0*{step}\.tmp-", h) for h in hidden), entry
+            assert step not in entry["checkpoints"], entry  # half-written / half-deleted: does not count
+    assert report["kills"][0]["checkpoints"] == [1]
+    final, again = report["final"], report["again"]
+    assert final["exit"] == 0 and report["reference"]["exit"] == 0 and again["exit"] == 0
     assert final["steps_logged"] == list(range(1, steps + 1))  # every step once, none lost or repeated
-    assert final["checkpoints"] == [steps - 1, steps]
+    assert report["reference"]["steps_logged"] == final["steps_logged"]
+    assert final["checkpoints"] == list(range(steps - keep + 1, steps + 1))
     assert [e for e in final["entries"] if e.startswith(".")] == []  # killed writers' temp dirs were swept
-    again = report["again"]  # --resume of the finished run: nothing more is trained
-    assert again["exit"] == 0 and again["steps_logged"] == final["steps_logged"]
-    assert again["checkpoints"] == final["checkpoints"]
+    assert again["steps_logged"] == final["steps_logged"] and again["checkpoints"] == final["checkpoints"]
 
-    out, ref = tmp_path / "run" / "out", tmp_path / "ref" / "out"
-    a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(ref / "final" / "model.safetensors"))
+
+def assert_same_weights(a_file: Path, b_file: Path) -> None:
+    a, b = load_file(str(a_file)), load_file(str(b_file))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_grpo_sigkill_at_any_moment_leaves_the_last_checkpoint_loadable_and_resume_matches(world, tmp_path):
+    """The GRPO learner is SIGKILLed four times (inside a checkpoint write, inside an old checkpoint's deletion,
+    and at two seeded random moments after a step), resumed each time, then run to the end and resumed once more.
+    After every kill each directory that counts as a checkpoint loads completely; half-written and half-deleted
+    ones never count. The finished run logs each step once, a resume of it trains nothing, and it ends with the
+    weights and rewards of a run that was never killed."""
+    steps = 10
+    overrides = run_overrides(world, tmp_path / "unused", **{
+        "grpo.max_steps": steps, "checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.save_final": True})
+    report = run_kill_driver(tmp_path, {"stage": "grpo", "sys_path": [str(world["plugins"])],
+                                        "overrides": [o for o in overrides if not o.startswith("output_dir=")]})
+    check_kill_report(report, "step-", steps, keep=2)
+    out, ref = tmp_path / "run" / "out", tmp_path / "ref" / "out"
+    assert_same_weights(out / "final" / "model.safetensors", ref / "final" / "model.safetensors")
     assert [r["reward"] for r in metrics(out)] == pytest.approx([r["reward"] for r in metrics(ref)], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory):
+    from data.shapes import ShapesWorld
+    from models.image_tokenizers.vq import VQTokenizer
+
+    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
+    path = tmp_path_factory.mktemp("vq")
+    VQTokenizer.fit(images).save_pretrained(path)
+    return path
+
+
+def test_pretrain_sigkill_at_any_moment_leaves_the_last_checkpoint_loadable_and_resume_matches(vq_dir, tmp_path):
+    """The same four kills for pretraining (Trainer's checkpoint-N directories, written atomically by
+    grpo.lm_stage): every checkpoint that counts loads, the log history holds each step once, a finished run
+    resumes to nothing, and the published policy equals an unkilled run's."""
+    steps = 10
+    overrides = [f"image_tokenizer={vq_dir}", f"cache_dir={tmp_path / 'cache'}", "policy.size=tiny",
+                 "data.shapes_n=48", "caption_dropout=0.2", f"train.max_steps={steps}", "train.batch_size=16",
+                 "train.save_steps=1", "train.save_total_limit=2", "train.logging_steps=1", "train.report_to=[]",
+                 "train.learning_rate=0.003", "train.bf16=false", "train.threads=1"]
+    report = run_kill_driver(tmp_path, {"stage": "pretrain", "overrides": overrides})
+    check_kill_report(report, "checkpoint-", steps, keep=2)
+    assert_same_weights(tmp_path / "run" / "out" / "model.safetensors", tmp_path / "ref" / "out" / "model.safetensors")
