@@ -210,8 +210,26 @@ def rows_generic(name: str, d: dict) -> list[dict]:
     return out
 
 
+def rows_soak(name: str, d: dict) -> list[dict]:
+    a, steps = d["analysis"], d["config"]["steps"]
+    out = [_row(name, f"{steps} GRPO steps on Ray: s/step (growth measured over steps {a['from_step']}.."
+                      f"{a['to_step']})", d["wall_s"] / steps)]
+    for proc, f in a["processes"].items():
+        out.append(_row(name, f"{proc} RSS growth ({f['rss_start_mib']:.0f} -> {f['rss_end_mib']:.0f} MiB, "
+                              f"{f['rss_slope_mib_per_100_steps']:.2g} MiB/100 steps)", f["rss_growth"], None,
+                        "< 0.1", f["rss_growth"] < 0.10))
+        out.append(_row(name, f"{proc} open fds growth ({f['fds_start']} -> {f['fds_end']})", f["fds_growth"], None,
+                        "<= 0", f["fds_growth"] <= 0))
+    o = a["object_store"]
+    out.append(_row(name, f"object store objects growth ({o['objects_start']} -> {o['objects_end']}, max "
+                          f"{o['objects_max']})", o["objects_growth"], None, "<= 0", o["objects_growth"] <= 0))
+    out.append(_row(name, f"object store MiB growth ({o['mib_start']:.2f} -> {o['mib_end']:.2f})", o["mib_growth"],
+                    None, "<= 0", o["mib_growth"] <= 0))
+    return out
+
+
 READERS = {"rollout": rows_rollout, "step": rows_step, "memory": rows_memory, "scaling": rows_scaling,
-           "shapes_world": rows_shapes_world}
+           "shapes_world": rows_shapes_world, "soak": rows_soak}
 
 
 def reader_for(name: str):
