@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--G", type=int, default=4, help="samples per prompt in the batched call")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dist-samples", type=int, default=600, help="samples per sampler for the distribution check")
-    ap.add_argument("--geneval-per-tag", type=int, default=8, help="held-out shapes prompts per tag (0: skip)")
+    ap.add_argument("--geneval-per-tag", type=int, default=20, help="held-out shapes prompts per tag (0: skip)")
     ap.add_argument("--geneval-n", type=int, default=4, help="samples per GenEval prompt")
     ap.add_argument("--bench-batch", default="4x2", help="bench model: prompts x samples in the batched call")
     ap.add_argument("--bench-dist-samples", type=int, default=64, help="bench model: distribution-check samples")
@@ -328,7 +328,10 @@ def main(argv=None) -> dict:
             engine = TorchEngine(policy.model, policy.layout, tokenizer=policy.tokenizer)
             specs = ShapesWorld().prompt_set("heldout", 2, 1)
             prompts = encode_prompts(policy.tokenizer, policy.layout, [s["prompt"] for s in specs])
-            notes.append(f"shapes: trained checkpoint {ckpt}")
+            import json
+
+            extra = json.loads((Path(ckpt) / "argrpo.json").read_text()).get("extra") or {}
+            notes.append(f"shapes: trained checkpoint {ckpt} ({', '.join(f'{k} {v}' for k, v in extra.items())})")
         else:
             model, layout, prompts = random_model(SHAPES_RANDOM)
             engine = TorchEngine(model, layout, uncond_prompt_ids=[1, 2])

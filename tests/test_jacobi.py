@@ -317,3 +317,55 @@ def test_sample_command_jacobi(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "sjd" / "00001" / "metadata.jsonl").read_text()) == {"prompt": "a blue circle"}
     with pytest.raises(SystemExit, match="--jacobi needs --engine torch"):
         main(base + ["--out", str(tmp_path / "x"), "--jacobi", "--engine", "vllm"])
+
+
+# ---- long images: a Markov-chain model whose per-position marginals are known exactly -------------------------------
+MARKOV = TokenLayout(
+    name="custom", text_vocab_size=20, visual_offset=20, codebook_size=12, grid=(6, 6), image_size=(6, 6),
+    prompt_template="{caption}",
+)
+
+
+def markov_model(stick=1.0, seed=0):
+    """One layer whose attention and MLP outputs are zeroed: the next code depends only on the current token (a
+    Markov chain with a sticky diagonal), while the KV cache, masks and positions are exercised as usual."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        emb, head, vs = model.model.embed_tokens.weight, model.lm_head.weight, MARKOV.visual_slice
+        emb.normal_()
+        head.normal_(0, 0.3)
+        head[vs] += stick * emb[vs] / emb[vs].norm(dim=-1, keepdim=True) / math.sqrt(8)
+    return model
+
+
+def test_long_images_follow_the_exact_markov_marginals():
+    """36 tokens, 16-token windows, many passes and ragged rows: every position's code distribution is exact."""
+    model = markov_model()
+    engine = TorchEngine(model, MARKOV)
+    sp, prompt = SamplingParams(temperature=1.0, n=2000, seed=3), [1, 5, 6, 2]
+    N, C, vs = MARKOV.n_image_tokens, MARKOV.codebook_size, MARKOV.visual_slice
+    with torch.no_grad():
+        first = final_logprobs(model(torch.tensor([prompt])).logits[:, -1], None, sp, vs)[0].double().exp()
+        nxt = torch.tensor([prompt + [MARKOV.visual_offset + c] for c in range(C)])
+        trans = final_logprobs(model(nxt).logits[:, -1], None, sp, vs).double().exp()  # [C, C]
+    marginals = [first]
+    for _ in range(N - 1):
+        marginals.append(marginals[-1] @ trans)
+    assert 0.2 < float(trans.diag().mean()) < 0.8  # sticky but random: drafts are often refused
+
+    def pvalue(codes):  # smallest per-position goodness-of-fit p-value, x N (Bonferroni)
+        return min(1.0, N * min(
+            chi2_pvalue(codes[:, t : t + 1], {(c,): float(marginals[t][c]) for c in range(C)}) for t in range(N)))
+
+    stats = JacobiStats(16)
+    sjd = jacobi_generate(engine, [prompt], sp, stats=stats).completion_ids - MARKOV.visual_offset
+    assert pvalue(sjd) > 1e-3
+    assert pvalue(engine.generate([prompt], sp).completion_ids - MARKOV.visual_offset) > 1e-3
+    assert stats.tokens_per_step > 2  # several tokens per pass were accepted
+    wrong = jacobi_generate(engine, [prompt], sp, _rule="target_on_reject").completion_ids - MARKOV.visual_offset
+    assert pvalue(wrong) < 1e-6
