@@ -129,10 +129,17 @@ class RolloutWorker:
                 )
             if comps.uncond_prompt_ids is not None:
                 kwargs.setdefault("uncond_prompt_ids", comps.uncond_prompt_ids)
+            if not isinstance(policy, PolicyComponents) and "column_major_weights" in inspect.signature(
+                    engine_cls.__init__).parameters:
+                kwargs.setdefault("column_major_weights", True)  # this worker built the model: nothing else trains it
             self.engine = engine_cls(comps.model, comps.layout, device=device, tokenizer=comps.tokenizer, **kwargs)
         self.layout = comps.layout
         self.tokenizer = comps.tokenizer
         self.image_tokenizer = comps.image_tokenizer
+        if self.image_tokenizer is not None:
+            # its codebook and grid must be the layout's, or decoding fails (or scrambles) every image
+            where = getattr(self.image_tokenizer, "path", None) or type(self.image_tokenizer).__name__
+            self.layout.check_image_tokenizer(self.image_tokenizer, what=f"image tokenizer {where}")
 
     def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingParams, decode: bool = True) -> Rollout:
         """P captions (or prompt token ids) -> Rollout of ``P * sampling.n`` rows with images uint8 [B, H, W, 3].
