@@ -270,6 +270,22 @@ def test_image_tokenizer_grid_does_not_match_layout(world, plugins, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the run directory was made
 
 
+def test_rollout_worker_with_an_image_tokenizer_of_another_codebook(world):
+    """The same check where every rollout path meets the tokenizer (argrpo sample, eval, Ray workers)."""
+    from models.image_tokenizers import load_image_tokenizer
+    from models.image_tokenizers.vq import VQTokenizer
+    from models.policy import load_policy
+    from rollout.worker import PolicyComponents, RolloutWorker
+
+    loaded = load_policy(world["policy"])
+    vq = load_image_tokenizer(world["policy"] / "image_tokenizer")
+    smaller = VQTokenizer(vq.masks[:1], vq.colors, vq.background, grid=vq.grid)  # fewer masks: a smaller codebook
+    assert smaller.codebook_size != vq.codebook_size
+    with pytest.raises(ValueError, match=rf"image tokenizer VQTokenizer: codebook_size {smaller.codebook_size} does "
+                                         rf"not match the layout's {vq.codebook_size}"):
+        RolloutWorker(PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, smaller))
+
+
 # ---- infrastructure -----------------------------------------------------------------------------------------------
 def test_ray_address_that_does_not_answer(world, tmp_path):
     """Port 1 on loopback: nothing listens there. `argrpo grpo --ray-address` ends with an error naming the address
