@@ -466,6 +466,10 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     tokenizer = build_text_tokenizer_for(cfg, captions, special)
     layout = layout_preset(cfg.layout, text_vocab_size=len(tokenizer), **geometry)
     model, _ = policy_from_config(cfg.policy, layout=layout, device=device)
+    base = _hf_model(model)
+    for conf in (base.config, getattr(base, "generation_config", None)):
+        if conf is not None:  # the new text tokenizer's pad id, so Trainer has nothing to "align"
+            conf.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, layout, image_tokenizer, tok_dir
 
 
