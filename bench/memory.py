@@ -234,7 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="shapes-size model, 64-token samples")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help=f"tuning/head pairs; tuning in full, lora; head in {', '.join(HEADS)}")
-    ap.add_argument("--repeats", type=int, default=1, help="fresh subprocesses per variant (peaks are taken as median)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="fresh subprocesses per visual-head variant (the full vs LoRA comparison); median and spread")
+    ap.add_argument("--head-repeats", type=int, default=1,
+                    help="fresh subprocesses per other-head variant (slow: the full-vocabulary heads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per child")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
@@ -265,7 +268,11 @@ def main(argv=None) -> int:
     except ImportError:  # tqdm is a dependency of transformers; keep working without it anyway
         def tqdm(x, **_):
             return x
-    jobs = [(v, r) for r in range(args.repeats) for v in args.variants]  # repeats interleaved: drift hits all
+    def repeats(v):
+        return args.repeats if v.endswith("/visual") else min(args.repeats, args.head_repeats)
+
+    # repeats interleaved, so anything drifting on the machine hits every variant alike
+    jobs = [(v, r) for r in range(args.repeats) for v in args.variants if r < repeats(v)]
     for v, _ in tqdm(jobs, desc="memory variants", unit="child"):
         res = run_child(v, args.quick, args.threads, args.timeout)
         runs.setdefault(v, []).append(res)
@@ -332,7 +339,8 @@ def main(argv=None) -> int:
         f"vocab {cfg.text_vocab} text + {cfg.codebook} codes, {cfg.grid[0] * cfg.grid[1]} tokens/image; "
         f"{cfg.P * cfg.G} completions per step (one micro-batch), {cfg.steps} optimizer steps (AdamW), float32",
         "each variant in a fresh subprocess; peak = VmHWM after resetting it just before trainer.train() "
-        f"(median of {args.repeats} subprocess(es)); 'before' = RSS with weights, libraries and trainer built",
+        f"(median of {args.repeats} subprocesses for the visual-head variants, {min(args.repeats, args.head_repeats)} "
+        "for the others); 'before' = RSS with weights, libraries and trainer built",
         "LoRA: r=16, alpha=32 on q,k,v,o,gate,up,down (models.policy defaults); embeddings and lm_head frozen",
         "ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()),
     ]

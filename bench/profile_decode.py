@@ -3,6 +3,7 @@
     python -m bench.profile_decode                 # bench model, SimpleAR vocabulary, 8 x 8 rows, 256 tokens, no CFG
     python -m bench.profile_decode --tokens 64 --cfg 3
     python -m bench.profile_decode --no-visual-head   # the full LM head, then slice (for comparison)
+    python -m bench.profile_decode --no-column-major --no-gqa-decode   # without the engine's CPU fast paths
 
 Prints (and writes to bench/results/profile_decode.txt) the operators by self CPU time, grouped into matmul
 (linear/addmm/mm/bmm), attention (SDPA), sampling (softmax/cumsum/searchsorted/...), KV-cache copies and the
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--vocab", type=int, default=151_672, help="text vocabulary before the codebook")
     ap.add_argument("--no-visual-head", action="store_true", help="full LM head, then slice")
+    ap.add_argument("--no-column-major", action="store_true",
+                    help="keep the linear weights row-major (the engine's default outside rollout workers)")
+    ap.add_argument("--no-gqa-decode", action="store_true",
+                    help="decode with transformers' own SDPA path (K/V repeated to every head), for comparison")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25, help="operators listed")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "profile_decode.txt"))
@@ -62,9 +67,14 @@ def main(argv=None) -> int:
 
     if args.tokens % 16:
         ap.error("--tokens must be a multiple of 16")
+    if args.no_gqa_decode:
+        import rollout.engines.torch_engine as te
+
+        te._decode_attention.__enter__ = lambda self: None  # leave the config's "sdpa" in place
     cfg = replace(CONFIGS["full"], grid=(args.tokens // 16, 16), P=args.P, G=args.G, text_vocab=args.vocab)
     layout, model, prompts, uncond = build(cfg)
-    engine = TorchEngine(model, layout, uncond_prompt_ids=uncond, visual_head=not args.no_visual_head)
+    engine = TorchEngine(model, layout, uncond_prompt_ids=uncond, visual_head=not args.no_visual_head,
+                         column_major_weights=not args.no_column_major)
     sp = SamplingParams(temperature=1.0, cfg_scale=args.cfg, n=args.G, seed=0)
     engine.generate(prompts[:1], sp.with_(n=1))
     rows = args.P * args.G * (2 if sp.use_cfg else 1)
@@ -90,6 +100,7 @@ def main(argv=None) -> int:
         f"torch engine decode profile: model size 'bench' ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params, vocab {model.config.vocab_size}), {args.P} x {args.G} images (cfg {args.cfg:g}: {rows} rows per "
         f"step), {N} tokens, {args.threads} thread(s), visual head {not args.no_visual_head}, "
+        f"GQA decode attention {not args.no_gqa_decode}, column-major weights {not args.no_column_major}, "
         f"1-min load {os.getloadavg()[0]:.1f}",
         f"profiled call: wall {wall:.2f}s, CPU {cpu:.2f}s; unprofiled: wall {wall_plain:.2f}s, CPU {cpu_plain:.2f}s "
         f"({cpu_plain / N * 1e3:.1f} ms CPU per decode step)",

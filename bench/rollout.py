@@ -25,6 +25,7 @@ after the runs, since other processes on a shared machine only ever slow either 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import tempfile
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small config (hidden 256, 4 layers, 64 tokens, 4 x 4)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline-repeats", type=int, default=None,
+                    help="timed repeats of hf_generate and vLLM (default: --repeats; each is minutes per call)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
     ap.add_argument("--engines", default="torch,hf,vllm", help="comma list of torch, hf, vllm")
     ap.add_argument("--vocab", choices=sorted(TEXT_VOCABS), default="simplear",
@@ -211,7 +214,9 @@ def main(argv=None) -> int:
     from rollout.engines.torch_engine import TorchEngine
     from rollout.types import SamplingParams
 
-    torch_engine = TorchEngine(model, layout, uncond_prompt_ids=uncond)
+    # the engine gets its own copy, as in a rollout worker (which owns the model it loaded): its CPU fast path
+    # re-lays the linear weights (column_major_weights), which the baseline and vLLM's save must not see
+    torch_engine = TorchEngine(copy.deepcopy(model), layout, uncond_prompt_ids=uncond, column_major_weights=True)
     results = {"config": {**cfg.__dict__, "params": n_params, "vocab_size": model.config.vocab_size,
                           "n_image_tokens": N, "images_per_call": B, "cfg_scale": CFG_SCALE, "threads": threads},
                "runs": {}, "checks": {}}
@@ -252,7 +257,8 @@ def main(argv=None) -> int:
             warm()
             gc.collect()
             cpu = []
-            times, out = time_repeats(fn, repeats=args.repeats, warmup=0, cpu=cpu)
+            n_rep = args.repeats if eng == "torch" or args.baseline_repeats is None else args.baseline_repeats
+            times, out = time_repeats(fn, repeats=n_rep, warmup=0, cpu=cpu)
             ids = out.completion_ids if hasattr(out, "completion_ids") else out
             assert ids.shape == (B, N) and bool(layout.is_visual(ids).all()), f"{eng} produced non-visual ids"
             stats = summarize(times)
@@ -295,7 +301,10 @@ def main(argv=None) -> int:
     notes = [
         f"model: models.policy size '{cfg.size}' (Qwen2), {n_params / 1e6:.1f}M params, vocab {model.config.vocab_size} "
         f"(text {cfg.text_vocab} + codebook {cfg.codebook}), {N} tokens/image, {cfg.P} prompts x {cfg.G} samples, "
-        f"float32, {threads} torch threads, {args.repeats} timed repeats after a warm-up call",
+        f"float32, {threads} torch threads, {args.repeats} timed repeats of the torch engine"
+        + (f" ({args.baseline_repeats} of hf_generate and vLLM)" if args.baseline_repeats is not None else "")
+        + " after a warm-up call; the torch engine runs its own copy of the weights with column_major_weights "
+        "(as in a rollout worker)",
         "hf_generate: SimpleAR-style Hugging Face generate (CFG as a second pass with its own KV cache, "
         "full-vocabulary sampling restricted to visual ids by a prefix-constraint processor)",
         "images/CPU-s: images per second of this process's CPU time (vLLM's engine core runs in-process too); "

@@ -145,11 +145,15 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=["all", "workers", "batch"], default="all")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 8 16 32 64 128")
+    ap.add_argument("--worker-niceness", type=int, default=0,
+                    help="nice value of the local Ray cluster's workers (Ray's own default is 15, which starves the "
+                         "rollout actors whenever other processes share the cores; see bench/NOTES.md)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet this process starts
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from bench.common import environment, write_results
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     print(f"[{name}] model size '{cfg.size}', {cfg.grid[0] * cfg.grid[1]} tokens/image, vocab {cfg.text_vocab}+"
           f"{cfg.codebook}", flush=True)
     results: dict = {"config": {**cfg.__dict__, "G": G, "batches": batches, "workers": args.workers,
-                                "repeats": args.repeats}}
+                                "repeats": args.repeats, "worker_niceness": args.worker_niceness}}
     rows = []
     if args.part in ("all", "workers"):
         _, _, prompts, _ = build(replace(cfg, P=8))
@@ -190,7 +194,8 @@ def main(argv=None) -> int:
         f"model: models.policy size '{cfg.size}' (Qwen2), vocab {cfg.text_vocab} text + {cfg.codebook} codes, "
         f"{cfg.grid[0] * cfg.grid[1]} tokens/image, float32, no CFG, torch engine, 1 thread per process; "
         f"medians of {args.repeats} calls after a warm-up",
-        "workers: Ray RolloutPool, 1 CPU / 1 thread per actor, P=8 x G=8 images per call (wall-clock images/s)",
+        f"workers: Ray RolloutPool, 1 CPU / 1 thread per actor (nice {args.worker_niceness}), P=8 x G=8 images per "
+        "call (wall-clock images/s)",
         "batch: in-process engine; images/CPU-s and GFLOP/CPU-s use this process's CPU time (immune to other "
         "processes' share of the cores); 'of matmul peak' = model FLOP/s over the best CPU time divided by the best "
         "torch.matmul FLOP per CPU-s on that batch's decode-step shapes",

@@ -1,8 +1,9 @@
 """One GRPO step, sync vs async: step time and its split (rollout, decode, reward, learn, sync).
 
-    python -m bench.step               # bench model (hidden 512, 8 layers), 256 image tokens, P=2 x G=8, 6 steps/mode
-    python -m bench.step --quick       # shapes-size model (hidden 256, 4 layers), 64 tokens, 4 steps/mode
-    python -m bench.step --P 1 --G 8 --steps 8 --rounds 2
+    python -m bench.step               # bench model (hidden 512, 8 layers), 256 image tokens, P=2 x G=8,
+                                       # 2 rounds of (sync, async) x 4 steps
+    python -m bench.step --quick       # shapes-size model (hidden 256, 4 layers), 64 tokens
+    python -m bench.step --P 1 --G 8 --steps 8 --rounds 3
 
 The real learner (``grpo.trainer.train``: TRL's GRPOTrainer, the visual-slice head, importance correction) trains
 a policy of the bench size on the shapes world (64x64 images through a patch-4 VQ: a 16x16 grid of codes, the
@@ -45,8 +46,8 @@ class StepConfig:
 
 
 CONFIGS = {
-    "full": StepConfig("bench", 4, 2, 8, 6, 1.0),
-    "quick": StepConfig("shapes", 8, 2, 8, 4, 1.0),
+    "full": StepConfig("bench", 4, 2, 8, 4, 1.0),
+    "quick": StepConfig("shapes", 8, 2, 8, 3, 1.0),
 }
 
 
@@ -107,9 +108,13 @@ def main(argv=None) -> int:
     ap.add_argument("--P", type=int, default=None, help="prompts per step")
     ap.add_argument("--G", type=int, default=None, help="samples per prompt")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first is a warm-up)")
-    ap.add_argument("--rounds", type=int, default=1, help="sync/async run pairs (alternating)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="sync/async run pairs, alternating order (sync-async, async-sync, ...) so drift hits both")
     ap.add_argument("--cfg-scale", type=float, default=None, help="rollout CFG scale (1 = off)")
     ap.add_argument("--workers", type=int, default=1, help="Ray rollout workers (0 = in-process thread)")
+    ap.add_argument("--worker-niceness", type=int, default=0,
+                    help="nice value of the local Ray cluster's workers (Ray's own default is 15, which starves the "
+                         "rollout actors whenever other processes share the cores; see bench/NOTES.md)")
     ap.add_argument("--work-dir", default=None, help="where the policy and run outputs go (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet this process starts
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from dataclasses import replace
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     ideal = max(s["learn"]["median"], s["rollout"]["median"]) / (s["learn"]["median"] + s["rollout"]["median"])
     results = {
         "config": {**asdict(cfg), "params": n_params, "n_image_tokens": n_tokens, "workers": args.workers,
-                   "rounds": args.rounds, "overrides": args.overrides},
+                   "worker_niceness": args.worker_niceness, "rounds": args.rounds, "overrides": args.overrides},
         "modes": per_mode, "async_over_sync": ratio, "async_over_sync_per_round": round_ratios,
         "learn_over_rollout_generate_sync": balance, "ideal_overlap_ratio": ideal,
         "targets": {"async_over_sync <= 0.7": {"value": ratio, "met": ratio <= 0.7,
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
         f"{meta['grid'][0]}x{meta['grid'][1]} = {n_tokens} codes (VQ patch {cfg.patch}, {meta['codebook_size']} codes); "
         f"P={cfg.P} prompts x G={cfg.G} per step, one micro-batch; reward geneval_dense (shapes detector); "
         f"rollout CFG {cfg.cfg_scale:g}; importance correction on in both modes",
-        f"rollouts: {args.workers} Ray worker(s), torch engine, 1 CPU / 1 thread each; learner: this process, 1 thread",
+        f"rollouts: {args.workers} Ray worker(s), torch engine, 1 CPU / 1 thread each, nice {args.worker_niceness}; "
+        f"learner: this process, 1 thread, nice {os.nice(0)}",
         f"steady-state medians over steps 2..{cfg.steps} of {args.rounds} run(s) per mode; 'rollout' = time the learner "
         f"waited for samples, 'rollout_generate'/'decode' = the worker's own seconds",
         f"async / sync step time: {ratio:.3f} (per round: {', '.join(f'{x:.3f}' for x in round_ratios)}); "
