@@ -39,10 +39,11 @@ class Bench:
     default: bool = True  # part of a plain `make bench`
 
 
-# Sized so that the default suite takes about 20 minutes on a quiet 2-core machine (see bench/NOTES.md); a shared
-# machine stretches every wall time by its load.
+# Sized so that the default suite takes about 25-30 minutes on a quiet 2-core machine (see bench/NOTES.md, "Budget");
+# a shared machine stretches every wall time by its load.
 SUITE = [
-    Bench("rollout", ["--repeats", "2"], timeout_s=2400),
+    # the baselines take minutes per call (bench/NOTES.md, "Budget"): timed once, the torch engine twice
+    Bench("rollout", ["--repeats", "2", "--baseline-repeats", "1"], timeout_s=3600),
     Bench("step", []),
     Bench("memory", []),
     Bench("scaling", []),
