@@ -13,6 +13,14 @@ modes. Sync: the worker samples step t, then the learner learns t while the work
 step t+1 while the learner learns t (one step stale). The importance correction is on in both modes, so the
 learner's work per step is identical.
 
+Sessions: Linux schedules by autogroup (one per session, /proc/sys/kernel/sched_autogroup_enabled): CPU time is
+shared fairly between sessions first, then between the processes inside one. A learner and the Ray workers it
+started share one session, so on a machine where other sessions keep the cores busy the two together get one
+session's share, and async mode (both busy at once) gains nothing over sync (measured: async / sync 1.06 at load
+6-7). By default this script starts the Ray cluster itself and runs each learner as a child process in a session of
+its own that joins the cluster, so the learner and the rollout workers get separate shares, as on separate cores or
+nodes (``--no-isolate`` to compare). On an idle machine the two set-ups are the same.
+
 The per-phase times are the trainer's own (``time/*`` in metrics.jsonl, see grpo.callbacks.StepTimer): rollout =
 waiting for samples (in async mode only what the overlap did not hide), reward, sync (weight push), learn = the
 rest; rollout_generate and decode are the worker's own seconds. The first step of each run is a warm-up (async
@@ -98,6 +106,24 @@ def run_mode(policy: Path, out: Path, mode: str, cfg: StepConfig, workers: int, 
     return {"mode": mode, "rows": rows, "wall_s": wall, "prefetch": summary["prefetch"], "steps": summary["steps"]}
 
 
+def run_isolated(argv, address: str, mode: str, run_dir: Path) -> dict:
+    """``run_mode`` in a child process with a session (and so a scheduler autogroup) of its own, joined to the Ray
+    cluster at ``address``; its rollout workers stay in this process's session."""
+    import subprocess
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        cmd = [sys.executable, "-m", "bench.step", *argv, "--child-mode", mode, "--child-run-dir", str(run_dir),
+               "--child-out", f.name]
+        env = {**os.environ, "RAY_ADDRESS": address}
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} run failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
+        return json.loads(Path(f.name).read_text())
+
+
 def _median(values):
     return statistics.median(values) if values else None
 
@@ -115,9 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-niceness", type=int, default=0,
                     help="nice value of the local Ray cluster's workers (Ray's own default is 15, which starves the "
                          "rollout actors whenever other processes share the cores; see bench/NOTES.md)")
+    ap.add_argument("--no-isolate", dest="isolate", action="store_false",
+                    help="run the learner in this process and session (by default each run's learner is a child "
+                         "process in a session of its own, so the scheduler gives it and the Ray workers separate "
+                         "CPU shares; see the module docstring)")
     ap.add_argument("--work-dir", default=None, help="where the policy and run outputs go (default: a temp dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--child-mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-run-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     import torch
@@ -137,6 +170,10 @@ def main(argv=None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-step-"))
     work.mkdir(parents=True, exist_ok=True)
     policy = prepare_policy(work, cfg.size, cfg.patch)
+    if args.child_mode:  # one run, in the session the parent made for it; Ray is the parent's (RAY_ADDRESS)
+        res = run_mode(policy, Path(args.child_run_dir), args.child_mode, cfg, args.workers, args.overrides)
+        Path(args.child_out).write_text(json.dumps(res))
+        return 0
     meta = json.loads((policy / "argrpo.json").read_text())["layout"]
     n_tokens = meta["grid"][0] * meta["grid"][1]
     from models.policy import load_policy
@@ -146,10 +183,19 @@ def main(argv=None) -> int:
     print(f"[{name}] policy {n_params / 1e6:.1f}M params, {n_tokens} tokens/image, codebook {meta['codebook_size']}, "
           f"P={cfg.P} x G={cfg.G}, {cfg.steps} steps x {args.rounds} round(s) per mode", flush=True)
 
+    isolate = args.isolate and args.workers > 0
+    if isolate:
+        from rollout.cluster import init_ray
+
+        ray = init_ray(num_cpus=max(2, len(os.sched_getaffinity(0))))
+        address = ray.get_runtime_context().gcs_address
     runs = []
     for r in range(args.rounds):
         for mode in ("sync", "async") if r % 2 == 0 else ("async", "sync"):
-            res = run_mode(policy, work / f"{mode}-{r}", mode, cfg, args.workers, args.overrides)
+            if isolate:
+                res = run_isolated(argv, address, mode, work / f"{mode}-{r}")
+            else:
+                res = run_mode(policy, work / f"{mode}-{r}", mode, cfg, args.workers, args.overrides)
             res["round"] = r
             runs.append(res)
             loads.append(os.getloadavg()[0])
@@ -185,7 +231,7 @@ def main(argv=None) -> int:
     ideal = max(s["learn"]["median"], s["rollout"]["median"]) / (s["learn"]["median"] + s["rollout"]["median"])
     results = {
         "config": {**asdict(cfg), "params": n_params, "n_image_tokens": n_tokens, "workers": args.workers,
-                   "worker_niceness": args.worker_niceness, "rounds": args.rounds, "overrides": args.overrides},
+                   "worker_niceness": args.worker_niceness, "isolated_sessions": isolate, "rounds": args.rounds, "overrides": args.overrides},
         "modes": per_mode, "async_over_sync": ratio, "async_over_sync_per_round": round_ratios,
         "learn_over_rollout_generate_sync": balance, "ideal_overlap_ratio": ideal,
         "targets": {"async_over_sync <= 0.7": {"value": ratio, "met": ratio <= 0.7,
@@ -206,7 +252,11 @@ def main(argv=None) -> int:
         f"P={cfg.P} prompts x G={cfg.G} per step, one micro-batch; reward geneval_dense (shapes detector); "
         f"rollout CFG {cfg.cfg_scale:g}; importance correction on in both modes",
         f"rollouts: {args.workers} Ray worker(s), torch engine, 1 CPU / 1 thread each, nice {args.worker_niceness}; "
-        f"learner: this process, 1 thread, nice {os.nice(0)}",
+        f"learner: 1 thread, nice {os.nice(0)}, "
+        + ("a child process in a session of its own (its own CPU share under the kernel's autogroup scheduling, "
+           "like a learner on other cores or nodes than its rollout workers)" if isolate
+           else "in the same process and session as the Ray cluster (one CPU share for both under autogroup "
+                "scheduling)"),
         f"steady-state medians over steps 2..{cfg.steps} of {args.rounds} run(s) per mode; 'rollout' = time the learner "
         f"waited for samples, 'rollout_generate'/'decode' = the worker's own seconds",
         f"async / sync step time: {ratio:.3f} (per round: {', '.join(f'{x:.3f}' for x in round_ratios)}); "
