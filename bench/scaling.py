@@ -33,9 +33,20 @@ import torch
 from bench.rollout import CONFIGS, _shapes, build, engine_flops
 
 
-def make_components(cfg, seed: int = 0):
-    """PolicyComponents of the bench model; runs inside each Ray worker (a picklable recipe, not the weights)."""
+def make_components(cfg, seed: int = 0, own_session: bool = False):
+    """PolicyComponents of the bench model; runs inside each Ray worker (a picklable recipe, not the weights).
+
+    own_session: move the worker into a session of its own first, so that under Linux autogroup scheduling each
+    worker gets its own CPU share (as on separate cores or nodes) instead of all workers sharing the Ray
+    cluster's one share while other sessions keep the cores busy.
+    """
     from rollout.worker import PolicyComponents
+
+    if own_session:
+        try:
+            os.setsid()
+        except OSError:  # already a session or process-group leader: keeps its session
+            pass
 
     layout, model, _, uncond = build(cfg, seed=seed)
     return PolicyComponents(model=model, layout=layout, uncond_prompt_ids=uncond)
@@ -73,7 +84,7 @@ def _timed(fn, repeats: int):
     return times, out
 
 
-def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int) -> list[dict]:
+def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int, own_session: bool = True) -> list[dict]:
     from bench.common import summarize
     from rollout.cluster import init_ray
     from rollout.pool import RolloutConfig, RolloutPool
@@ -87,7 +98,8 @@ def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int) -> list
     out = []
     for n in counts:
         t0 = time.perf_counter()
-        pool = RolloutPool(functools.partial(make_components, cfg), RolloutConfig(num_workers=n, num_cpus_per_worker=1))
+        pool = RolloutPool(functools.partial(make_components, cfg, own_session=own_session),
+                           RolloutConfig(num_workers=n, num_cpus_per_worker=1))
         startup = time.perf_counter() - t0
         try:
             pool.generate(prompts[:n], 1, sp)  # warm-up: one short call per worker
@@ -148,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-niceness", type=int, default=0,
                     help="nice value of the local Ray cluster's workers (Ray's own default is 15, which starves the "
                          "rollout actors whenever other processes share the cores; see bench/NOTES.md)")
+    ap.add_argument("--no-isolate", dest="isolate", action="store_false",
+                    help="leave every Ray worker in the cluster's session (one CPU share for all of them under "
+                         "autogroup scheduling when other sessions are busy)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
@@ -167,11 +182,12 @@ def main(argv=None) -> int:
     print(f"[{name}] model size '{cfg.size}', {cfg.grid[0] * cfg.grid[1]} tokens/image, vocab {cfg.text_vocab}+"
           f"{cfg.codebook}", flush=True)
     results: dict = {"config": {**cfg.__dict__, "G": G, "batches": batches, "workers": args.workers,
-                                "repeats": args.repeats, "worker_niceness": args.worker_niceness}}
+                                "repeats": args.repeats, "worker_niceness": args.worker_niceness,
+                                "workers_in_own_sessions": args.isolate}}
     rows = []
     if args.part in ("all", "workers"):
         _, _, prompts, _ = build(replace(cfg, P=8))
-        w = scale_workers(cfg, prompts, G, args.workers, args.repeats)
+        w = scale_workers(cfg, prompts, G, args.workers, args.repeats, own_session=args.isolate)
         results["workers"] = w
         base = w[0]["images_per_s"]
         for r in w:
@@ -194,8 +210,9 @@ def main(argv=None) -> int:
         f"model: models.policy size '{cfg.size}' (Qwen2), vocab {cfg.text_vocab} text + {cfg.codebook} codes, "
         f"{cfg.grid[0] * cfg.grid[1]} tokens/image, float32, no CFG, torch engine, 1 thread per process; "
         f"medians of {args.repeats} calls after a warm-up",
-        f"workers: Ray RolloutPool, 1 CPU / 1 thread per actor (nice {args.worker_niceness}), P=8 x G=8 images per "
-        "call (wall-clock images/s)",
+        f"workers: Ray RolloutPool, 1 CPU / 1 thread per actor (nice {args.worker_niceness}"
+        + (", each in a session of its own: its own CPU share under autogroup scheduling" if args.isolate else "")
+        + "), P=8 x G=8 images per call (wall-clock images/s)",
         "batch: in-process engine; images/CPU-s and GFLOP/CPU-s use this process's CPU time (immune to other "
         "processes' share of the cores); 'of matmul peak' = model FLOP/s over the best CPU time divided by the best "
         "torch.matmul FLOP per CPU-s on that batch's decode-step shapes",
