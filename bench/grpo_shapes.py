@@ -54,7 +54,9 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     colors = {"sync": "tab:blue", "async": "tab:orange"}
     styles = ["-", "--", ":", "-."]
-    for r in runs:
+    by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: colour per config
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(runs):
         m = r["metrics"]
         steps = [x["step"] for x in m]
         rew = [x.get("reward") for x in m]
@@ -62,13 +64,17 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
         smooth = [sum(v for v in rew[max(0, i - k + 1): i + 1]) / len(rew[max(0, i - k + 1): i + 1])
                   for i in range(len(rew))]
         label = f"{r['mode']} seed {r['seed']}"
+        color = colors[r["mode"]]
+        if by_config:
+            label += " " + " ".join(o.replace("grpo.", "") for o in r.get("overrides") or [])[:48]
+            color = palette[i % len(palette)]
         ls = styles[r["seed"] % len(styles)]
-        axes[0].plot(steps, smooth, ls, color=colors[r["mode"]], label=label)
+        axes[0].plot(steps, smooth, ls, color=color, label=label)
         cpu = [sum(x.get("cpu/step", 0.0) for x in m[: i + 1]) / 60 for i in range(len(m))]
-        axes[1].plot(cpu, smooth, ls, color=colors[r["mode"]], label=label)
+        axes[1].plot(cpu, smooth, ls, color=color, label=label)
         ev = r["eval_curve"]
         axes[2].errorbar([s for s, _, _ in ev], [v for _, v, _ in ev], yerr=[e for _, _, e in ev], fmt="o" + ls,
-                         color=colors[r["mode"]], label=label, capsize=2)
+                         color=color, label=label, capsize=2)
     axes[0].set(xlabel="step", ylabel="train reward (geneval_dense, 5-step mean)", title="reward vs step")
     axes[1].set(xlabel="learner process CPU minutes", ylabel="train reward", title="reward vs CPU time")
     axes[2].axhline(sft_score, color="gray", lw=1, label="SFT")
@@ -92,16 +98,19 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="results directory (default bench/results)")
     p.add_argument("--name", default="grpo_shapes")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only combine these result files (same SFT) into --name's table and curves")
     args = p.parse_args(argv)
 
-    from bench.common import environment, markdown_table, write_results
     from grpo.config import GRPORunConfig
     from recipes.config import load_config
 
+    if args.merge:
+        return merge(args)
     eval_cfg = load_config(GRPORunConfig, RECIPE, [f"policy.checkpoint={args.sft}"]).eval
     out = Path(args.out)
     sft = evaluate_policy(args.sft, eval_cfg)
-    runs, rows = [], []
+    runs = []
     for mode in args.modes:
         for seed in args.seeds:
             s = run_one(args.sft, mode, seed, out / f"{mode}_seed{seed}", args.budget_minutes, args.clock,
@@ -110,44 +119,71 @@ def main(argv=None) -> int:
             curve = [(st, v["score"], v.get("score_se", 0.0)) for st, v in s["eval"]]
             if not curve or curve[-1][0] != s["steps"]:
                 curve.append((s["steps"], final["overall"], final["se"]))
-            m = s["metrics"]
-            run = {"mode": mode, "seed": seed, "steps": s["steps"], "final": final, "eval_curve": curve,
-                   "wall_s": s["wall_s"], "cpu_s": s["cpu_s"], "time_totals": s["time_totals"], "metrics": m,
-                   "prefetch": s["prefetch"]}
-            runs.append(run)
-            n = max(1, len(m))
-            avg = {k: sum(x.get(k, 0.0) for x in m) / n
-                   for k in ("time/step", "time/rollout", "time/reward", "time/learn", "time/sync", "cpu/step")}
-            rows.append({
-                "mode": mode, "seed": seed, "steps": s["steps"],
-                "SFT": f"{sft['overall']:.3f} ± {sft['se']:.3f}",
-                "GRPO": f"{final['overall']:.3f} ± {final['se']:.3f}",
-                "delta": round(final["overall"] - sft["overall"], 3),
-                "train reward first→last(5)": f"{sum(x['reward'] for x in m[:5]) / min(5, n):.3f}→"
-                                              f"{sum(x['reward'] for x in m[-5:]) / min(5, n):.3f}",
-                "cpu s/step": round(avg["cpu/step"], 2), "wall s/step": round(avg["time/step"], 2),
-                "rollout/reward/learn/sync s": "/".join(f"{avg[k]:.2f}" for k in
-                                                        ("time/rollout", "time/reward", "time/learn", "time/sync")),
-            })
-            print(json.dumps(rows[-1]), flush=True)
+            runs.append({"mode": mode, "seed": seed, "steps": s["steps"], "final": final, "eval_curve": curve,
+                         "wall_s": s["wall_s"], "cpu_s": s["cpu_s"], "time_totals": s["time_totals"],
+                         "metrics": s["metrics"], "prefetch": s["prefetch"], "overrides": list(args.overrides)})
+            print(json.dumps(run_row(sft, runs[-1])), flush=True)
+    notes = [f"budget: {args.budget_minutes} min of {args.clock} time per run; held-out: {eval_cfg.prompts} "
+             f"({eval_cfg.shapes_per_tag}/tag) x {eval_cfg.settings.sampling.n} samples, cfg "
+             f"{eval_cfg.settings.sampling.cfg_scale}, seed {eval_cfg.settings.sampling.seed}; SE over prompts",
+             f"overrides: {args.overrides}"]
+    write_all(args.name, sft, runs, {"args": vars(args)}, notes, Path(args.results) if args.results else None)
+    return 0
+
+
+def run_row(sft: dict, run: dict) -> dict:
+    """One table row: scores, delta, train reward trend and the mean time split of a run."""
+    m, final = run["metrics"], run["final"]
+    n = max(1, len(m))
+    avg = {k: sum(x.get(k, 0.0) for x in m) / n
+           for k in ("time/step", "time/rollout", "time/reward", "time/learn", "time/sync", "cpu/step")}
+    return {
+        "mode": run["mode"], "seed": run["seed"], "overrides": " ".join(run.get("overrides") or []) or "-",
+        "steps": run["steps"],
+        "SFT": f"{sft['overall']:.3f} ± {sft['se']:.3f}",
+        "GRPO": f"{final['overall']:.3f} ± {final['se']:.3f}",
+        "delta": round(final["overall"] - sft["overall"], 3),
+        "train reward first→last(5)": f"{sum(x['reward'] for x in m[:5]) / min(5, n):.3f}→"
+                                      f"{sum(x['reward'] for x in m[-5:]) / min(5, n):.3f}",
+        "cpu s/step": round(avg["cpu/step"], 2), "wall s/step": round(avg["time/step"], 2),
+        "rollout/reward/learn/sync s": "/".join(f"{avg[k]:.2f}" for k in
+                                                ("time/rollout", "time/reward", "time/learn", "time/sync")),
+    }
+
+
+def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[str], results_dir: Path | None):
+    """<name>.json / .md (run table + per-tag table) and <name>_curves.png."""
+    from bench.common import environment, markdown_table, write_results
+
     tags = sorted(sft["tags"])
     tag_rows = [{"policy": "SFT", **{t: f"{sft['tags'][t]['acc']:.3f} ± {sft['tags'][t]['se']:.3f}" for t in tags}}]
     for r in runs:
         tag_rows.append({"policy": f"GRPO {r['mode']} seed {r['seed']}",
                          **{t: f"{r['final']['tags'][t]['acc']:.3f} ± {r['final']['tags'][t]['se']:.3f}"
                             for t in tags}})
-    results_dir = Path(args.results) if args.results else None
-    png = (results_dir or Path(__file__).resolve().parent / "results") / f"{args.name}_curves.png"
+    png = (results_dir or Path(__file__).resolve().parent / "results") / f"{name}_curves.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, sft["overall"], png)
-    notes = [f"budget: {args.budget_minutes} min of {args.clock} time per run; held-out: {eval_cfg.prompts} "
-             f"({eval_cfg.shapes_per_tag}/tag) x {eval_cfg.settings.sampling.n} samples, cfg "
-             f"{eval_cfg.settings.sampling.cfg_scale}, seed {eval_cfg.settings.sampling.seed}; SE over prompts",
-             f"curves: {png.name}", f"overrides: {args.overrides}"]
-    _, md = write_results(args.name, {"sft": sft, "runs": runs, "args": vars(args), "environment": environment(1)},
-                          rows, notes=notes, out_dir=results_dir)
+    _, md = write_results(name, {"sft": sft, "runs": runs, **extra, "environment": environment(1)},
+                          [run_row(sft, r) for r in runs], notes=notes + [f"curves: {png.name}"],
+                          out_dir=results_dir)
     md.write_text(md.read_text() + "\n## Held-out accuracy per tag (± SE over prompts)\n\n"
                   + markdown_table(tag_rows) + "\n")
+
+
+def merge(args) -> int:
+    """Combine result JSONs of separate invocations (e.g. runs started in parallel) into one table and plot."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    sfts = {json.dumps(p["sft"], sort_keys=True) for p in parts}
+    if len(sfts) != 1:
+        raise SystemExit("--merge: the results evaluate different SFT scores; they are not one experiment")
+    runs = [{"overrides": p["args"].get("overrides", []), **r} for p in parts for r in p["runs"]]
+    notes = [f"merged from {', '.join(Path(p).name for p in args.merge)}"]
+    notes += [n for n in parts[0].get("notes", [])]
+    a = parts[0]["args"]
+    notes.insert(0, f"budget: {a['budget_minutes']} min of {a['clock']} time per run; sft: {a['sft']}")
+    write_all(args.name, parts[0]["sft"], runs, {"merged": list(args.merge)}, notes,
+              Path(args.results) if args.results else None)
     return 0
 
 
