@@ -9,7 +9,8 @@ parent kills with SIGKILL at a moment of the spec's choosing:
 - ``during_write``: the child is inside a checkpoint write, stuck in a slow write (a hook sleeps there) after the
   weights went into the checkpoint's temp dir and before the trainer state did;
 - ``during_delete``: the child has renamed an old checkpoint aside and half deleted it (a hook sleeps there);
-- ``random``: a seeded random delay after the child finished a new step (mid-step, mid-checkpoint, mid-log...).
+- ``random``: a seeded random delay, shorter than one step, after the child finished two new steps (mid-step,
+  mid-checkpoint, mid-log...).
 
 After each kill the parent records every entry of the checkpoint directory and checks every directory that counts
 as a checkpoint: ``load_policy`` loads it, its trainer state and optimizer read back (``weights_only=True``) and
@@ -178,6 +179,12 @@ class Stage:
         return {"entries": entries, "checkpoints": checked}
 
 
+def _steps_seen(markers: Path) -> int:
+    """How many steps the child has finished since it started (one line each in its progress file)."""
+    f = markers / "progress"
+    return f.read_text().count("\n") if f.is_file() else 0
+
+
 def _private_tqdm_lock() -> None:
     """Give a forked child its own tqdm write lock. tqdm's default lock holds a multiprocessing semaphore that a
     fork shares with the parent: a child SIGKILLed while drawing a progress bar would leave it taken, and the
@@ -228,7 +235,7 @@ def main(spec_path: str, report_path: str) -> None:
         pid = _fork(stage, kill["kind"], markers, kill.get("min_step", 1))
         deadline = time.monotonic() + spec["timeout_s"]
         waited_for = {"during_write": "in_write", "during_delete": "in_delete"}.get(kill["kind"])
-        exited = None
+        exited, first_step_at, step_s = None, None, 0.0
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -236,10 +243,15 @@ def main(spec_path: str, report_path: str) -> None:
                 break
             if waited_for and (markers / waited_for).exists():
                 break
-            if not waited_for and (markers / "progress").exists():  # the child finished a new step
-                time.sleep(rng.uniform(0.0, kill.get("max_delay_s", 0.3)))
+            if not waited_for and _steps_seen(markers) >= 2:
+                # two new steps done: kill within the next one, wherever it is (forward, write, log...). The
+                # delay scales with the step time just seen, so a fast machine cannot finish the run first.
+                time.sleep(rng.uniform(0.0, min(kill.get("max_delay_s", 0.3), step_s)))
                 break
-            time.sleep(0.02)
+            if not waited_for and _steps_seen(markers) == 1 and first_step_at is None:
+                first_step_at = time.monotonic()
+            step_s = time.monotonic() - first_step_at if first_step_at is not None else 0.0
+            time.sleep(0.005)
         if exited is None:
             os.kill(pid, signal.SIGKILL)
             _, exited = os.waitpid(pid, 0)

@@ -108,7 +108,7 @@ def test_killed_rollout_and_reward_actors_are_restarted_and_the_run_is_unchanged
 # ---- learner faults ---------------------------------------------------------------------------------------------
 KILLS = [
     {"kind": "during_write", "min_step": 2},  # step 1 complete, step 2 half-written
-    {"kind": "random", "max_delay_s": 0.3},  # a step takes longer than that: the child is always mid-run
+    {"kind": "random", "max_delay_s": 0.3},  # within the third new step: the child is always mid-run
     {"kind": "during_delete"},  # an old checkpoint renamed aside and half deleted
     {"kind": "random", "max_delay_s": 0.3},
 ]
