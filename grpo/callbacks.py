@@ -261,9 +261,11 @@ class Checkpointer(TrainerCallback):
     redoes and logs the step). Its own time goes into the next step's ``time/checkpoint``.
     """
 
-    def __init__(self, trainer, root: str | Path, every: int, keep: int, stats: StepStats, **save_kwargs):
+    def __init__(self, trainer, root: str | Path, every: int, keep: int, stats: StepStats, state_fn=None,
+                 **save_kwargs):
         self.trainer, self.root, self.every, self.keep = trainer, Path(root), int(every), int(keep)
         self.stats, self.save_kwargs = stats, save_kwargs
+        self.state_fn = state_fn  # () -> dict merged into the run state at each save (state that changes)
         self.saved: list[Path] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -275,7 +277,10 @@ class Checkpointer(TrainerCallback):
         from grpo.checkpointing import prune_checkpoints, save_checkpoint
 
         t0 = time.perf_counter()
-        self.saved.append(save_checkpoint(self.trainer, self.root, **self.save_kwargs))
+        kwargs = dict(self.save_kwargs)
+        if self.state_fn is not None:
+            kwargs["run_state"] = {**(kwargs.get("run_state") or {}), **self.state_fn()}
+        self.saved.append(save_checkpoint(self.trainer, self.root, **kwargs))
         prune_checkpoints(self.root, self.keep)
         self.stats.add_time("checkpoint", time.perf_counter() - t0)
 

@@ -49,6 +49,9 @@ class TrainSettings:
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Trainer scheduler name (cosine, linear, ...)"})
     warmup_steps: float = field(default=0.05, metadata={"help": "warmup: steps (>= 1) or a fraction of max_steps"})
+    optim: str = field(
+        default="adamw_torch_fused", metadata={"help": "Trainer optimizer name (the fused AdamW halves its CPU time)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
@@ -509,6 +512,7 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,
+        optim=t.optim,
         weight_decay=t.weight_decay,
         adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm,

@@ -3,7 +3,10 @@
 argrpo rewards (``rewards.base.build_reward``) already accept TRL's keyword call: ``prompts`` (the captions),
 ``images`` (from the rollout), ``metadata`` (the GenEval row, a JSON string) and TRL's control keys. The wrapper
 only measures time, notes when a reward returned None for the whole batch (TRL then excludes it: its mean is NaN
-and TRL logs it as None; we log ``rewards/<name>/skipped = 1``) and keeps the last batch's scores.
+and TRL logs it as None; we log ``rewards/<name>/skipped = 1``), keeps the last batch's scores and applies the
+reward's own ``normalize`` (``batch`` or ``running`` z-score) before TRL weights and sums the rewards. Raw scores
+are logged as ``rewards/<name>/raw_mean`` when normalised; the running statistics travel with GRPO checkpoints.
+Under data parallelism each rank normalises the slice it scored.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from grpo.stats import StepStats
 class TrackedReward:
     """Wraps one reward; TRL names its metrics ``rewards/<__name__>/mean|std``."""
 
-    def __init__(self, reward, stats: StepStats, name: str | None = None):
+    def __init__(self, reward, stats: StepStats, name: str | None = None, normalize: str | None = None):
+        from rewards.base import RewardCombiner
+
         self.reward = reward
         self.stats = stats
         self.__name__ = name or getattr(reward, "__name__", type(reward).__name__)
+        self.normalize = normalize or "none"
+        self._norm = RewardCombiner({self.__name__: 1.0}, {self.__name__: self.normalize}, name=self.__name__)
 
     def __call__(self, prompts=None, completions=None, **kwargs):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -30,7 +37,20 @@ class TrackedReward:
         self.stats.set(f"rewards/{self.__name__}/skipped", float(all(s is None for s in scores)))
         if images is not None:
             self.stats.record_scores(self.__name__, prompts, images, scores)
-        return out
+        if self.normalize == "none":
+            return out
+        present = [s for s in scores if s is not None]
+        if present:
+            self.stats.set(f"rewards/{self.__name__}/raw_mean", float(sum(present) / len(present)))
+        return self._norm.normalise(self.__name__, scores)
+
+    def state_dict(self) -> dict:
+        """Running normalisation statistics (empty unless ``normalize: running``)."""
+        return self._norm.state_dict()[self.__name__] if self.normalize == "running" else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._norm.load_state_dict({self.__name__: state})
 
     def close(self) -> None:
         close = getattr(self.reward, "close", None)
@@ -109,11 +129,12 @@ def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_confi
         init_ray()
         shared = _PooledScores(specs, pool_config)
         for spec in specs:
-            funcs.append(TrackedReward(PooledReward(shared, spec.key), stats, name=display_name(spec)))
+            funcs.append(TrackedReward(PooledReward(shared, spec.key), stats, name=display_name(spec),
+                                       normalize=spec.normalize))
             weights.append(float(spec.weight))
         return funcs, weights
     for spec in specs:
         reward = build_reward(spec.name, name=spec.alias, **dict(spec.kwargs))
-        funcs.append(TrackedReward(reward, stats, name=display_name(spec)))
+        funcs.append(TrackedReward(reward, stats, name=display_name(spec), normalize=spec.normalize))
         weights.append(float(spec.weight))
     return funcs, weights

@@ -236,6 +236,17 @@ def _check_shared_ray(cfg: GRPORunConfig) -> None:
             f"reward_actors=false)")
 
 
+def reward_norm_state(reward_funcs) -> dict:
+    """{reward name: running normalisation statistics} of the rewards that keep some."""
+    return {f.__name__: f.state_dict() for f in reward_funcs if getattr(f, "state_dict", None) and f.state_dict()}
+
+
+def load_reward_norm_state(reward_funcs, state: dict) -> None:
+    for f in reward_funcs:
+        if f.__name__ in state:
+            f.load_state_dict(state[f.__name__])
+
+
 def _close_all(reward_funcs, pools) -> None:
     """Stop what a failed build started (reward actors, rollout workers)."""
     for f in reward_funcs:
@@ -327,7 +338,8 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
         callbacks["checkpoints"] = cb.Checkpointer(
             trainer, out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, stats,
             tokenizer=tokenizer, layout=layout, image_tokenizer_path=loaded.image_tokenizer_path,
-            base_model_path=base_model_path, run_state={"config": to_dict(cfg), "prompts_per_generation": P})
+            base_model_path=base_model_path, run_state={"config": to_dict(cfg), "prompts_per_generation": P},
+            state_fn=lambda: {"reward_norm": reward_norm_state(reward_funcs)})
         trainer.add_callback(callbacks["checkpoints"])  # last: it saves after the step's log line is written
     if cfg.budget_minutes:
         callbacks["budget"] = cb.TimeBudget(cfg.budget_minutes, cfg.budget_clock, stats)
@@ -421,6 +433,8 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
             if read_run_state(ckpt)["step"] >= cfg.grpo.max_steps:
                 return _finished_from_checkpoint(cfg, ckpt)
     run = build_run(cfg, eval_fn=eval_fn)
+    if ckpt is not None:
+        load_reward_norm_state(run.trainer.reward_funcs, read_run_state(ckpt).get("reward_norm", {}))
     t0 = time.perf_counter()
     try:
         run.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

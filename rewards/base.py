@@ -385,7 +385,7 @@ class RewardSpec:
     kwargs: dict = field(default_factory=dict, metadata={"help": "arguments for the reward's constructor"})
     alias: str | None = field(default=None, metadata={"help": "display name (default: name); must be unique"})
     normalize: str | None = field(default=None, metadata={
-        "help": "this reward's normalisation in a composite: none | batch | running (default: the composite's)"})
+        "help": "z-score this reward before the weighted sum: none | batch | running (default: the composite's; none in GRPO)"})
 
     def __post_init__(self):
         if self.normalize not in (None, "none", "batch", "running"):
@@ -470,7 +470,7 @@ class RewardCombiner:
         for key, w in self.weights.items():
             out = outputs[key]
             raw = list(out)
-            normed = self._normalise(key, raw)
+            normed = self.normalise(key, raw)
             extras[key] = raw
             if self.normalize[key] != "none":
                 extras[f"{key}/norm"] = normed
@@ -481,7 +481,8 @@ class RewardCombiner:
                     total[i] = (total[i] or 0.0) + w * v
         return RewardOutput(total, extras)
 
-    def _normalise(self, key: str, values: list[float | None]) -> list[float | None]:
+    def normalise(self, key: str, values: list[float | None]) -> list[float | None]:
+        """Component ``key``'s scores ``[B]`` under its normalisation (None stays None; "running" updates)."""
         present = [v for v in values if v is not None]
         mode = self.normalize[key]
         if mode == "none" or not present:

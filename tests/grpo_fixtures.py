@@ -14,6 +14,10 @@ PLUGIN_SOURCE = textwrap.dedent('''
         return [float(np.asarray(im, dtype=np.float32)[..., 0].mean() - np.asarray(im, dtype=np.float32)[..., 2].mean()) / 255.0
                 for im in images]
 
+    def greenness(prompts, images, **kwargs):
+        """Mean green channel: a second reward that disagrees with redness."""
+        return [float(np.asarray(im, dtype=np.float32)[..., 1].mean()) / 255.0 for im in images]
+
     def constant(prompts, images, **kwargs):
         return [0.5 for _ in images]
 

@@ -86,3 +86,34 @@ def test_a_reward_that_is_none_for_the_whole_batch_is_skipped_and_logged(world, 
     assert row["rewards/all_none/skipped"] == 1.0
     numbers = [v for v in row.values() if isinstance(v, float)]
     assert numbers and all(math.isfinite(v) for v in numbers)  # metrics.jsonl never holds a NaN
+
+
+def test_per_reward_normalize_applies_on_the_grpo_path():
+    """A reward's own ``normalize`` is applied before TRL weights the rewards: batch z-scores each batch, running
+    keeps statistics across batches (and hands them over for checkpoints); None stays None; the raw mean is logged."""
+    from grpo.reward_funcs import TrackedReward
+    from grpo.stats import StepStats
+
+    def raw(prompts=None, images=None, **kw):
+        return [1.0, 2.0, None, 3.0]
+
+    stats = StepStats()
+    batch = TrackedReward(raw, stats, name="r", normalize="batch")
+    out = batch(prompts=["p"] * 4, completions=None, images=None)
+    assert out[2] is None
+    vals = [v for v in out if v is not None]
+    assert sum(vals) == pytest.approx(0.0, abs=1e-9) and max(vals) == pytest.approx(1.2247, abs=1e-3)
+    assert stats.take()["rewards/r/raw_mean"] == pytest.approx(2.0)
+    assert batch.state_dict() == {}
+
+    running = TrackedReward(raw, StepStats(), name="r", normalize="running")
+    running(prompts=["p"] * 4, completions=None, images=None)
+    second = running(prompts=["p"] * 4, completions=None, images=None)
+    assert running.state_dict()["count"] == 6
+    again = TrackedReward(raw, StepStats(), name="r", normalize="running")
+    again.load_state_dict(running.state_dict())
+    assert again.state_dict() == running.state_dict()
+    assert second == pytest.approx(batch(prompts=["p"] * 4, completions=None, images=None))  # same values seen twice
+
+    plain = TrackedReward(raw, StepStats(), name="r")
+    assert list(plain(prompts=["p"] * 4, completions=None, images=None)) == [1.0, 2.0, None, 3.0]

@@ -112,11 +112,15 @@ def test_grpo_four_steps_equal_two_plus_resume_plus_two(world, tmp_path, monkeyp
 
 def test_grpo_resume_through_train_entry_point(world, tmp_path, monkeypatch):
     """`argrpo grpo --resume` goes through grpo.trainer.train: it finds the newest checkpoint itself and writes the
-    final policy, which equals the straight run's."""
+    final policy, which equals the straight run's. Two rewards, one z-scored with running statistics: those travel
+    with the checkpoint (a reset would change the weighted sum, hence the advantages and the weights)."""
     from safetensors.torch import load_file
 
+    from grpo.checkpointing import read_run_state
+
     monkeypatch.syspath_prepend(str(world["plugins"]))
-    kw = {"grpo.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": True}
+    kw = {"grpo.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": True,
+          "rewards": "[{name: 'user_rewards:redness', normalize: running}, {name: 'user_rewards:greenness'}]"}
 
     def cfg(out):
         return load_config(GRPORunConfig, None, run_overrides(world, out, **kw))
@@ -125,6 +129,12 @@ def test_grpo_resume_through_train_entry_point(world, tmp_path, monkeypatch):
     _grpo_run(cfg(tmp_path / "split"), stop_at=2)
     summary = train(cfg(tmp_path / "split"), resume=True)
     assert summary["resumed_from"].endswith("step-0000002") and summary["steps"] == 4
+    norm = read_run_state(tmp_path / "split" / "checkpoints" / "step-0000002")["reward_norm"]
+    assert norm["redness"]["count"] == 2 * 8 and "greenness" not in norm  # two steps of 8 samples
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("rewards/redness/mean", "rewards/redness/raw_mean", "reward", "loss"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref], abs=1e-6), key
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
     for k in a:
