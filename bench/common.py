@@ -133,7 +133,7 @@ def write_results(name: str, results: dict, rows: list[dict], columns: list[str]
         f"- machine: {env['cpu']} ({env['machine']}), {env['cores_available']} cores available, "
         f"{env['torch_threads']} torch threads, 1-min load {env['load_average_1m']:.2f}"
         if env.get("load_average_1m") is not None else f"- machine: {env['cpu']}",
-        f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- date: {env['date']}, commit {env['git_commit']}",
         "",
     ]

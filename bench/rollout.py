@@ -112,10 +112,10 @@ def hf_generate(model, layout, prompts, G, uncond, cfg_scale, greedy=False):
 # ---- FLOPs and the matmul peak ----------------------------------------------------------------------------------
 def _shapes(model, layout):
     c = model.config
-    H, I = c.hidden_size, c.intermediate_size
+    H, F = c.hidden_size, c.intermediate_size
     hd = getattr(c, "head_dim", None) or H // c.num_attention_heads
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    layer = [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)]
+    layer = [(H, q), (H, kv), (H, kv), (q, H), (H, F), (H, F), (F, H)]
     return layer, c.num_hidden_layers, (H, layout.codebook_size), q
 
 

@@ -137,7 +137,10 @@ def analyse(samples: list[dict], warmup: int) -> dict:
         return statistics.median(get(r) for r in rows)
 
     for proc in ("learner", "rollout_actor", "reward_actor"):
-        rss0, rss1 = med(early, lambda r: r[proc]["rss_mib"]), med(late, lambda r: r[proc]["rss_mib"])
+        def rss(r, proc=proc):
+            return r[proc]["rss_mib"]
+
+        rss0, rss1 = med(early, rss), med(late, rss)
         fds0, fds1 = max(r[proc]["fds"] for r in early), max(r[proc]["fds"] for r in late)
         out["processes"][proc] = {
             "rss_start_mib": rss0, "rss_end_mib": rss1, "rss_max_mib": max(r[proc]["rss_mib"] for r in after),

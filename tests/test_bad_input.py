@@ -14,14 +14,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from grpo_fixtures import run_overrides, shared_world
 
 from grpo.config import GRPORunConfig
 from grpo.trainer import train
 from recipes.cli import main as argrpo
-from recipes.config import ConfigError, load_config
+from recipes.config import load_config
 from rewards.base import RewardError
-
-from grpo_fixtures import run_overrides, shared_world
 
 BAD_REWARDS = textwrap.dedent('''
     """Rewards that break the reward contract in the ways a user's plugin can."""

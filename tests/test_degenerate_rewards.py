@@ -10,12 +10,11 @@ import textwrap
 
 import pytest
 import torch
+from grpo_fixtures import run_overrides, shared_world
 
 from grpo.config import GRPORunConfig
 from grpo.trainer import build_run
 from recipes.config import load_config
-
-from grpo_fixtures import run_overrides, shared_world
 
 G = 4
 DEGENERATE = textwrap.dedent(f'''

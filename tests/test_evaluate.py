@@ -75,7 +75,7 @@ def test_summarize_clusters_standard_errors_by_prompt():
     samples = []
     for idx in range(9):
         tag = ["a", "b", "c"][idx % 3]
-        for k in range(4):
+        for _ in range(4):
             samples.append({"index": idx, "tag": tag, "correct": bool(rng.random() < 0.5)})
     overall, se, tags = summarize(samples)
     for t in ("a", "b", "c"):
@@ -164,8 +164,13 @@ def test_eval_command_on_shapes(shapes_policy, tmp_path):
 
 def _tiny_owlv2(path):
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (CLIPTokenizerFast, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor,
-                              Owlv2Processor)
+    from transformers import (
+        CLIPTokenizerFast,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
 
     vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}  # OWL treats id 0 as padding
     for ch in sorted(ByteLevel.alphabet()):
@@ -209,7 +214,7 @@ def test_eval_command_on_real_geneval_metadata_with_owlv2(vq, tmp_path):
     assert 0.0 <= data["overall"] <= 1.0
     folders = sorted(p.name for p in (out / "images").iterdir())
     assert folders == [f"{i:05d}" for i in sorted(firsts.values())]  # GenEval layout, indices from the file
-    for tag, i in firsts.items():
+    for i in firsts.values():
         d = out / "images" / f"{i:05d}"
         assert json.loads((d / "metadata.jsonl").read_text()) == rows[i]
         pngs = sorted((d / "samples").iterdir())

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
 
 from grpo.config import GRPORunConfig
 from grpo.trainer import build_run, train
 from recipes.config import load_config
-
-from grpo_fixtures import run_overrides, shared_world
 
 
 class StopAt(TrainerCallback):

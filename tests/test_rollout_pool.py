@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from models.layout import TokenLayout
-from rollout import LocalRolloutPool, PolicyComponents, RolloutConfig, RolloutPool, SamplingParams, build_rollout_pool
+from rollout import (
+    LocalRolloutPool,
+    PolicyComponents,
+    RolloutConfig,
+    RolloutPool,
+    SamplingParams,
+    build_rollout_pool,
+)
 from rollout.worker import RolloutWorker
 
 LAYOUT = TokenLayout(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from grpo_fixtures import run_overrides, shared_world
 
 ROOT = Path(__file__).resolve().parents[1]

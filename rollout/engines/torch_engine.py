@@ -25,7 +25,6 @@ from rollout.engines.base import encode_prompts, register_engine
 from rollout.sampling import draw_uniforms, resolve_seed, sample_step
 from rollout.types import Rollout, SamplingParams
 
-
 _GQA_DECODE_ATTENTION = "argrpo_sdpa_gqa_decode"
 
 
