@@ -57,9 +57,10 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: colour per config
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
-        m = r["metrics"]
+        # with steps_per_generation > 1 only a generation's first optimizer step logs its rewards
+        m = [x for x in r["metrics"] if "reward" in x]
         steps = [x["step"] for x in m]
-        rew = [x.get("reward") for x in m]
+        rew = [x["reward"] for x in m]
         k = 5  # moving average over 5 steps
         smooth = [sum(v for v in rew[max(0, i - k + 1): i + 1]) / len(rew[max(0, i - k + 1): i + 1])
                   for i in range(len(rew))]
@@ -70,7 +71,12 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
             color = palette[i % len(palette)]
         ls = styles[r["seed"] % len(styles)]
         axes[0].plot(steps, smooth, ls, color=color, label=label)
-        cpu = [sum(x.get("cpu/step", 0.0) for x in m[: i + 1]) / 60 for i in range(len(m))]
+        cpu_at = {}
+        total = 0.0
+        for x in r["metrics"]:
+            total += x.get("cpu/step", 0.0)
+            cpu_at[x["step"]] = total / 60
+        cpu = [cpu_at[s] for s in steps]
         axes[1].plot(cpu, smooth, ls, color=color, label=label)
         ev = r["eval_curve"]
         axes[2].errorbar([s for s, _, _ in ev], [v for _, v, _ in ev], yerr=[e for _, _, e in ev], fmt="o" + ls,
@@ -135,6 +141,7 @@ def run_row(sft: dict, run: dict) -> dict:
     """One table row: scores, delta, train reward trend and the mean time split of a run."""
     m, final = run["metrics"], run["final"]
     n = max(1, len(m))
+    rew = [x["reward"] for x in m if "reward" in x]  # a generation's first optimizer step logs its rewards
     avg = {k: sum(x.get(k, 0.0) for x in m) / n
            for k in ("time/step", "time/rollout", "time/reward", "time/learn", "time/sync", "cpu/step")}
     return {
@@ -143,8 +150,8 @@ def run_row(sft: dict, run: dict) -> dict:
         "SFT": f"{sft['overall']:.3f} ± {sft['se']:.3f}",
         "GRPO": f"{final['overall']:.3f} ± {final['se']:.3f}",
         "delta": round(final["overall"] - sft["overall"], 3),
-        "train reward first→last(5)": f"{sum(x['reward'] for x in m[:5]) / min(5, n):.3f}→"
-                                      f"{sum(x['reward'] for x in m[-5:]) / min(5, n):.3f}",
+        "train reward first→last(5)": f"{sum(rew[:5]) / max(1, len(rew[:5])):.3f}→"
+                                      f"{sum(rew[-5:]) / max(1, len(rew[-5:])):.3f}",
         "cpu s/step": round(avg["cpu/step"], 2), "wall s/step": round(avg["time/step"], 2),
         "rollout/reward/learn/sync s": "/".join(f"{avg[k]:.2f}" for k in
                                                 ("time/rollout", "time/reward", "time/learn", "time/sync")),

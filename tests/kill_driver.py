@@ -257,6 +257,7 @@ def main(spec_path: str, report_path: str) -> None:
             _, exited = os.waitpid(pid, 0)
         marker = markers / waited_for if waited_for else None
         entry = {"kind": kill["kind"], "killed": os.WIFSIGNALED(exited) and os.WTERMSIG(exited) == signal.SIGKILL,
+                 "exit": os.waitstatus_to_exitcode(exited), "steps_seen": _steps_seen(markers),
                  "marker": marker.read_text() if marker and marker.exists() else None,
                  "steps_logged": stage.steps_logged()}
         entry.update(stage.inspect())
