@@ -188,7 +188,7 @@ class CorrectionConfig:
     mode: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={"help": "auto: applied when the sampler's distribution differs from the learner's (CFG, top-k/p, "
-                          "async, a non-torch engine); always; never"})
+                          "async, a non-torch engine, a bf16 learner beside a float32 sampler); always; never"})
     level: str = field(default="token_truncate", metadata={"help": f"TRL mode: {', '.join(IS_MODES)}"})
     cap: float | None = field(default=2.0, metadata={"help": "upper bound (truncate) or mask threshold of the weight"})
     floor: float | None = field(default=None, metadata={"help": "lower bound of the weight (None: none)"})
@@ -309,5 +309,7 @@ class GRPORunConfig:
         if self.correction.mode != "auto":
             return self.correction.mode == "always"
         s = self.rollout.sampling
+        # a bf16-autocast learner scores float32 samples with other numerics: a small, systematic ratio drift
+        learner_numerics = self.grpo.bf16 and self.policy.dtype == "float32"
         return (self.rollout.mode == "async" or self.rollout.engine != "torch" or s.use_cfg or s.top_k > 0
-                or s.top_p < 1.0)
+                or s.top_p < 1.0 or learner_numerics)

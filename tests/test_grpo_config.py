@@ -85,6 +85,8 @@ def test_generation_batch_counts_steps_per_generation():
     (["rollout.mode=async"], True),
     (["rollout.engine=vllm"], True),
     (["correction.mode=always"], True),
+    (["grpo.bf16=true"], True),  # bf16 learner, float32 sampler
+    (["grpo.bf16=true", "correction.mode=never"], False),
     (["rollout.mode=async", "correction.mode=never"], False),
 ])
 def test_correction_auto(overrides, expected):
