@@ -1,6 +1,7 @@
 """`argrpo sweep` on a real local Ray cluster: every trial runs, a failing trial is reported, the others finish."""
 
 import json
+import os
 
 from grpo_fixtures import run_overrides, shared_world
 
@@ -16,13 +17,18 @@ def test_grid_parsing_and_product():
 
 
 def test_sweep_runs_trials_and_reports_a_failure(ray_cluster, tmp_path, monkeypatch):
+    """Paths in the config are relative to where the sweep starts, as they are for `argrpo grpo` (Tune runs each
+    trial in a directory of its own)."""
     world = shared_world()
     monkeypatch.syspath_prepend(str(world["plugins"]))
     monkeypatch.setenv("PYTHONPATH", str(world["plugins"]))
-    base = run_overrides(world, tmp_path / "unused")
+    monkeypatch.chdir(tmp_path)
+    base = [f"policy.checkpoint={os.path.relpath(v.split('=', 1)[1], tmp_path)}"
+            if v.startswith("policy.checkpoint=") else v for v in run_overrides(world, tmp_path / "unused")]
+    assert any(v.startswith("policy.checkpoint=..") for v in base)
     rows = sweep(
         config_path=None, grid={"grpo.loss_type": ["grpo", "not_a_loss"]}, seeds=1,
-        out_dir=str(tmp_path / "sweep"), base_overrides=base, cpus_per_trial=1, gpus_per_trial=0,
+        out_dir="sweep", base_overrides=base, cpus_per_trial=1, gpus_per_trial=0,
     )
     by_loss = {r["grpo.loss_type"]: r for r in rows}
     assert by_loss["grpo"]["status"] == "ok" and by_loss["grpo"]["steps"] == 2

@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def run_trial(config: dict) -> dict:
     from grpo.trainer import train
     from recipes.config import load_config
 
+    # Tune starts each trial in a directory of its own: relative paths of the config (checkpoints, prompt files)
+    # mean what they meant where the sweep was started (same machine, or the same paths on every node)
+    if config.get("cwd") and Path(config["cwd"]).is_dir():
+        os.chdir(config["cwd"])
     # user reward plugins are found the way the driver found them (same machine or same paths on every node)
     for entry in config.get("sys_path", []):
         if entry not in sys.path:
@@ -102,6 +107,7 @@ def sweep(config_path: str | None, grid: dict[str, list], seeds: int, out_dir: s
             "config_path": str(Path(config_path).resolve()) if config_path else None,
             "base_overrides": base_overrides,
             "sweep_dir": str(sweep_dir),
+            "cwd": os.getcwd(),
             "sys_path": [p for p in sys.path if p],
         },
         run_config=tune.RunConfig(
