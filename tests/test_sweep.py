@@ -25,6 +25,8 @@ def test_sweep_runs_trials_and_reports_a_failure(ray_cluster, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     base = [f"policy.checkpoint={os.path.relpath(v.split('=', 1)[1], tmp_path)}"
             if v.startswith("policy.checkpoint=") else v for v in run_overrides(world, tmp_path / "unused")]
+    base += ["eval.every=2", f"eval.prompts={world['heldout']}", "eval.limit=2",
+             "eval.settings={sampling: {n: 2, seed: 0, temperature: 1.0}, progress: false}"]
     assert any(v.startswith("policy.checkpoint=..") for v in base)
     rows = sweep(
         config_path=None, grid={"grpo.loss_type": ["grpo", "not_a_loss"]}, seeds=1,
@@ -33,6 +35,7 @@ def test_sweep_runs_trials_and_reports_a_failure(ray_cluster, tmp_path, monkeypa
     by_loss = {r["grpo.loss_type"]: r for r in rows}
     assert by_loss["grpo"]["status"] == "ok" and by_loss["grpo"]["steps"] == 2
     assert isinstance(by_loss["grpo"]["final_reward"], float)
+    assert 0.0 <= by_loss["grpo"]["final_score"] <= 1.0 and by_loss["grpo"]["best_score"] >= by_loss["grpo"]["final_score"]
     assert by_loss["not_a_loss"]["status"] == "failed" and "loss" in by_loss["not_a_loss"]["error"]
     out = tmp_path / "sweep"
     assert (out / "sweep.md").read_text().count("\n") == 4

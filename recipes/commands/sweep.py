@@ -70,7 +70,8 @@ def run_trial(config: dict) -> dict:
     summary = train(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     rewards = [r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))]
-    evals = [e.get("score") for e in summary.get("eval", []) if isinstance(e.get("score"), (int, float))]
+    # summary["eval"]: [(step, {"score": ..., "<tag>": ...}), ...] from the run's periodic evaluation
+    evals = [e.get("score") for _, e in summary.get("eval", []) if isinstance(e.get("score"), (int, float))]
     result = {
         "steps": summary["steps"],
         "final_reward": rewards[-1] if rewards else math.nan,
