@@ -66,7 +66,9 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], out_png: str | Pat
     present = [k for k in keys if any(k in r for rows in runs.values() for r in rows)]
     if not present:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
+    many = len(runs) > 4  # a sweep: the legend goes beside the plots, where it hides no curve
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present) + (3.5 if many else 0), 3.2),
+                             squeeze=False)
     for ax, key in zip(axes[0], present):
         for label, rows in runs.items():
             pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if key in r and _finite(r[key])]
@@ -76,7 +78,9 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], out_png: str | Pat
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
+    if many:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    elif len(runs) > 1:
         axes[0][-1].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
