@@ -142,11 +142,13 @@ def write_report(
     pngs: list[tuple[str, str]] = []
     if curves:
         reward_png = plot_curves(
-            curves, ["reward", "reward_std", "frac_zero_std_groups"], out / "reward_curves.png", "GRPO reward"
+            curves, ["reward", "reward_std", "frac_reward_zero_std"], out / "reward_curves.png", "GRPO reward"
         )
         if reward_png:
             pngs.append(("Reward curves", reward_png.name))
-        kl_png = plot_curves(curves, ["kl", "entropy", "is_ratio_mean", "clip_ratio"], out / "kl_curves.png", "KL")
+        # TRL's metric names (kl is logged when beta > 0, the IS ratio when the correction is on)
+        kl_png = plot_curves(curves, ["kl", "entropy", "sampling/importance_sampling_ratio/mean",
+                                      "clip_ratio/region_mean"], out / "kl_curves.png", "KL and policy statistics")
         if kl_png:
             pngs.append(("KL and policy statistics", kl_png.name))
         eval_png = plot_curves(curves, ["eval/overall"], out / "eval_curve.png", "held-out score during GRPO")

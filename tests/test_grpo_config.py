@@ -46,7 +46,9 @@ def test_shapes_recipe_uses_the_geneval_reward():
     cfg = load_config(GRPORunConfig, RECIPES[0])
     assert cfg.rewards[0].name.startswith("geneval") and cfg.policy.checkpoint == "runs/shapes/sft"
     assert cfg.data.train_prompts == "shapes:train" and cfg.eval.prompts == "shapes:heldout"
-    assert not cfg.use_correction  # sync, no CFG, torch engine: the sampler is the learner's distribution
+    # sync, no CFG, torch engine, but a bf16 learner scoring float32 samples: the correction absorbs the numerics
+    assert cfg.grpo.bf16 and cfg.policy.dtype == "float32" and cfg.use_correction
+    assert cfg.grpo.generation_batch_size == 128 and cfg.grpo.prompts_per_generation == 16
 
 
 @pytest.mark.parametrize("override, message", [
