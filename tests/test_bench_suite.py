@@ -32,7 +32,7 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
 
     md = collect(tmp_path)
     lines = md.splitlines()
-    assert any(x.startswith("- machine:") for x in lines)
+    assert any(x.startswith("- collected on:") for x in lines)
     assert any(x.startswith("- versions:") and "torch" in x and "trl" in x and "ray" in x for x in lines)
     assert any(x.startswith("- date:") for x in lines)
     assert sum(1 for x in lines if x.startswith("|---")) == 1  # exactly one table
@@ -43,6 +43,11 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
     assert "0.7" in mem and "| NO |" in mem  # a missed target is shown as missed
     assert any("mystery" in r and "widgets >= 2" in r for r in rows)  # unknown benchmarks still appear
     assert any("broken" in r and "unreadable" in r for r in rows)
+    from bench.common import environment
+
+    cpu = environment(1)["cpu"].split()[0].replace("(R)", "")
+    assert lines[[i for i, x in enumerate(lines) if x.startswith("| benchmark")][0]].rstrip().endswith("| cpu |")
+    assert cpu in step  # each row names the machine that measured it
 
 
 def test_suite_names_every_benchmark_module_once():
