@@ -127,6 +127,13 @@ def _shorten(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+# metrics.jsonl fields the report plots: TRL's names, plus argrpo's periodic evaluation. kl is logged when
+# beta > 0 and the importance ratio when the correction is on; a field a run lacks is left out of its plot.
+REWARD_CURVES = ["reward", "reward_std", "frac_reward_zero_std"]
+POLICY_CURVES = ["kl", "entropy", "sampling/importance_sampling_ratio/mean", "clip_ratio/region_mean"]
+EVAL_CURVES = ["eval/score"]
+
+
 def write_report(
     out_dir: str | Path,
     stages: list[StageScores],
@@ -141,17 +148,13 @@ def write_report(
     table = markdown_table(stages)
     pngs: list[tuple[str, str]] = []
     if curves:
-        reward_png = plot_curves(
-            curves, ["reward", "reward_std", "frac_reward_zero_std"], out / "reward_curves.png", "GRPO reward"
-        )
+        reward_png = plot_curves(curves, REWARD_CURVES, out / "reward_curves.png", "GRPO reward")
         if reward_png:
             pngs.append(("Reward curves", reward_png.name))
-        # TRL's metric names (kl is logged when beta > 0, the IS ratio when the correction is on)
-        kl_png = plot_curves(curves, ["kl", "entropy", "sampling/importance_sampling_ratio/mean",
-                                      "clip_ratio/region_mean"], out / "kl_curves.png", "KL and policy statistics")
+        kl_png = plot_curves(curves, POLICY_CURVES, out / "kl_curves.png", "KL and policy statistics")
         if kl_png:
             pngs.append(("KL and policy statistics", kl_png.name))
-        eval_png = plot_curves(curves, ["eval/overall"], out / "eval_curve.png", "held-out score during GRPO")
+        eval_png = plot_curves(curves, EVAL_CURVES, out / "eval_curve.png", "held-out score during GRPO")
         if eval_png:
             pngs.append(("Held-out score during GRPO", eval_png.name))
     if grid is not None:

@@ -44,8 +44,9 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
     assert any("mystery" in r and "widgets >= 2" in r for r in rows)  # unknown benchmarks still appear
     assert any("broken" in r and "unreadable" in r for r in rows)
     from bench.common import environment
+    from bench.run_all import _short_cpu
 
-    cpu = environment(1)["cpu"].split()[0].replace("(R)", "")
+    cpu = _short_cpu(environment(1)["cpu"])
     assert lines[[i for i, x in enumerate(lines) if x.startswith("| benchmark")][0]].rstrip().endswith("| cpu |")
     assert cpu in step  # each row names the machine that measured it
 

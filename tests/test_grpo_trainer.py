@@ -261,3 +261,10 @@ def test_periodic_heldout_evaluation_is_logged(world, plugins, tmp_path):
     logs = train_logs(run.trainer)
     assert "eval/score" in logs[0] and "eval/score" in logs[1] and "time/eval" in logs[1]
     assert logs[1]["eval/score"] == history[1][1]["score"]
+    # every curve the report draws is a field the learner really logs (beta 0 here: no kl)
+    from grpo.report import EVAL_CURVES, POLICY_CURVES, REWARD_CURVES
+
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in REWARD_CURVES + POLICY_CURVES + EVAL_CURVES:
+        if key != "kl" and not (key.startswith("sampling/") and not cfg.use_correction):
+            assert any(key in r for r in rows), key
