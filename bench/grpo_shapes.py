@@ -45,6 +45,12 @@ def evaluate_policy(path: str, eval_cfg) -> dict:
             "tags": {t: {"acc": s.accuracy, "se": s.stderr} for t, s in result.tags.items()}}
 
 
+def reward_rows(metrics: list[dict]) -> list[dict]:
+    """The metrics rows that carry rewards: with steps_per_generation > 1 only a generation's first optimizer step
+    logs them."""
+    return [x for x in metrics if "reward" in x]
+
+
 def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     import matplotlib
 
@@ -57,8 +63,7 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: colour per config
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
-        # with steps_per_generation > 1 only a generation's first optimizer step logs its rewards
-        m = [x for x in r["metrics"] if "reward" in x]
+        m = reward_rows(r["metrics"])
         steps = [x["step"] for x in m]
         rew = [x["reward"] for x in m]
         k = 5  # moving average over 5 steps
@@ -141,7 +146,7 @@ def run_row(sft: dict, run: dict) -> dict:
     """One table row: scores, delta, train reward trend and the mean time split of a run."""
     m, final = run["metrics"], run["final"]
     n = max(1, len(m))
-    rew = [x["reward"] for x in m if "reward" in x]  # a generation's first optimizer step logs its rewards
+    rew = [x["reward"] for x in reward_rows(m)]
     avg = {k: sum(x.get(k, 0.0) for x in m) / n
            for k in ("time/step", "time/rollout", "time/reward", "time/learn", "time/sync", "cpu/step")}
     return {

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.common import write_results
+from bench.common import environment, write_results
 from bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
-from bench.run_all import SUITE, collect
+from bench.run_all import SUITE, _short_cpu, collect
 
 
 def _summ(v):
@@ -43,9 +43,6 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
     assert "0.7" in mem and "| NO |" in mem  # a missed target is shown as missed
     assert any("mystery" in r and "widgets >= 2" in r for r in rows)  # unknown benchmarks still appear
     assert any("broken" in r and "unreadable" in r for r in rows)
-    from bench.common import environment
-    from bench.run_all import _short_cpu
-
     cpu = _short_cpu(environment(1)["cpu"])
     assert lines[[i for i, x in enumerate(lines) if x.startswith("| benchmark")][0]].rstrip().endswith("| cpu |")
     assert cpu in step  # each row names the machine that measured it
