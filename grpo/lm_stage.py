@@ -294,7 +294,10 @@ def _trainer_class():
             self.add_callback(EpochCallback(self.train_dataset))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, metrics = visual_lm_loss(model, inputs, self.layout, self.text_loss_weight)
+            # Accelerate applies mixed precision by wrapping model.forward; the visual-slice loss calls the decoder
+            # directly, so it enters the accelerator's autocast itself (else bf16: true would train in float32).
+            with self.accelerator.autocast():
+                loss, metrics = visual_lm_loss(model, inputs, self.layout, self.text_loss_weight)
             for k, v in metrics.items():
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
             self._metric_count += 1

@@ -146,6 +146,29 @@ def test_pretrain_then_sft(vq_dir, tmp_path):
     assert first["learning_rate"] <= 1e-4
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_setting_reaches_the_loss(vq_dir, tmp_path, monkeypatch, bf16):
+    """The visual-slice loss calls the decoder directly (not model.forward, which accelerate wraps in autocast),
+    so train.bf16 must take effect inside the loss itself: bf16 matmuls when asked, float32 otherwise."""
+    import grpo.lm_stage as lm_stage
+
+    seen = []
+
+    def spy(model, batch, layout, text_loss_weight=0.0):
+        loss, metrics = visual_lm_loss(model, batch, layout, text_loss_weight)
+        w = lm_stage._hf_model(model).get_output_embeddings().weight
+        seen.append((torch.is_autocast_enabled("cpu"), torch.mm(w[:2], w[:2].T).dtype))
+        return loss, metrics
+
+    monkeypatch.setattr(lm_stage, "visual_lm_loss", spy)
+    cfg = load_config(PretrainConfig, None, _overrides(tmp_path / "run", vq_dir, tmp_path / "cache", steps=2,
+                                                       extra=[f"train.bf16={str(bf16).lower()}"]))
+    run_lm_stage(cfg)
+    assert len(seen) == 2
+    assert all(enabled == bf16 for enabled, _ in seen)
+    assert all(mm == (torch.bfloat16 if bf16 else torch.float32) for _, mm in seen)
+
+
 def test_sft_needs_a_checkpoint_and_new_policy_needs_image_tokenizer():
     with pytest.raises(ConfigError, match="policy.checkpoint"):
         load_config(SFTConfig, None, ["output_dir=x"])
