@@ -431,11 +431,15 @@ def render_seed(seed: int, index: int) -> int:
 
 
 # ---- perturbations (for checking that a judge says "wrong" when it should) ----------------------------------------
-def perturb_spec(world: ShapesWorld, spec: dict, rng: np.random.Generator) -> dict:
+PERTURB_KINDS = ("class", "color", "count", "position")
+
+
+def perturb_spec(world: ShapesWorld, spec: dict, rng: np.random.Generator, kind: str | None = None) -> dict:
     """A spec that an image rendered from ``spec`` does NOT satisfy: one wrong colour, count, class or relation.
 
-    A changed class is one the spec does not name, so the image cannot hold it; a changed relation is wrong
-    because renders satisfy their relation exclusively.
+    ``kind``: which of ``PERTURB_KINDS`` to change (None: one the spec has, drawn from ``rng``). A changed class is
+    one the spec does not name, so the image cannot hold it; a changed relation is wrong because renders satisfy
+    their relation exclusively.
     """
     spec = json.loads(json.dumps({k: v for k, v in spec.items() if k != "prompt"}))
     inc = spec["include"]
@@ -446,7 +450,10 @@ def perturb_spec(world: ShapesWorld, spec: dict, rng: np.random.Generator) -> di
         kinds.append("count")
     if any("position" in r for r in inc):
         kinds.append("position")
-    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind is None:
+        kind = kinds[int(rng.integers(len(kinds)))]
+    elif kind not in kinds:
+        raise ValueError(f"perturb_spec: a {spec['tag']} spec has no {kind!r} to change; it has {kinds}")
     if kind == "class":
         i = int(rng.integers(len(inc)))
         named = {r["class"] for r in inc}

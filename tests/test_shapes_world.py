@@ -179,6 +179,20 @@ def test_perturbed_specs_are_not_satisfied():
     assert set(kinds) == {"class", "color", "count", "position"}
 
 
+def test_perturbation_of_a_chosen_attribute_changes_only_it():
+    rng = np.random.default_rng(1)
+    wanted = {"colors": "color", "counting": "count", "position": "position", "two_object": "class"}
+    for j, spec in enumerate(s for s in _specs(per_tag=6, seed=3) if s["tag"] in wanted):
+        kind = wanted[spec["tag"]]
+        bad = perturb_spec(WORLD, spec, rng, kind=kind)
+        assert [k for k in ("class", "color", "count", "position") if _changed(spec, bad, k)] == [kind]
+        ok, _ = score_image(bad, record_detections(WORLD.render(spec, seed=j)[1]))
+        assert not ok, (spec["prompt"], "->", bad["prompt"])
+    single = next(s for s in _specs(per_tag=1, seed=0) if s["tag"] == "single_object")
+    with pytest.raises(ValueError, match="no 'color' to change"):
+        perturb_spec(WORLD, single, rng, kind="color")
+
+
 def _changed(a, b, key):
     return [r.get(key) for r in a["include"]] != [r.get(key) for r in b["include"]]
 
