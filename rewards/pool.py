@@ -61,7 +61,8 @@ class RewardPoolConfig:
     retries: int = field(default=2, metadata={"help": "times a call is sent again after its actor died"})
     timeout_s: float | None = field(default=None, metadata={"help": "seconds to wait for one reward call"})
     restart_timeout_s: float = field(default=300.0,
-                                     metadata={"help": "seconds to wait for Ray to bring a dead actor back"})
+                                     metadata={"help": "seconds to wait for a reward actor to start (it builds its "
+                                                       "models), or for Ray to bring a dead one back"})
     resources: dict = field(default_factory=dict,
                             metadata={"help": "per-reward overrides, e.g. {hps: {num_gpus: 0.5}}"})
     custom_resources: dict[str, float] = field(
@@ -188,7 +189,8 @@ class RewardPool(Reward):
         # Building the models happens in the actors' constructors: wait so a bad config fails here, by name.
         for key, actor in self.actors.items():
             try:
-                ray.get(actor.ready.remote(), timeout=self.config.timeout_s)
+                # a start is model building, not a reward call: it gets the start/restart budget
+                ray.get(actor.ready.remote(), timeout=self.config.restart_timeout_s)
             except Exception as e:
                 self.shutdown()
                 raise RewardError(f"reward {key!r}: its actor failed to start: {_cause(e)}") from e
