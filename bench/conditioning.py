@@ -39,24 +39,16 @@ def image_nats(policy, image_codes: torch.Tensor, captions: list[str], batch: in
 
     image_codes: int64 [R, N]; captions: R strings. Returns float64 [R] (nats per image).
     """
-    import torch.nn.functional as F
+    from grpo.lm_stage import CodesCollator, encode_captions, image_logits
 
-    from grpo.lm_stage import CodesCollator, _hf_model, encode_captions
-
-    model, layout = policy.model, policy.layout
-    collate = CodesCollator(layout, policy.tokenizer.pad_token_id)
-    ids = encode_captions(policy.tokenizer, layout, captions)
-    hf = _hf_model(model)
-    head = hf.get_output_embeddings().weight[layout.visual_slice]  # [C, H]
+    collate = CodesCollator(policy.layout, policy.tokenizer.pad_token_id)
+    ids = encode_captions(policy.tokenizer, policy.layout, captions)
     out = []
     with torch.inference_mode():
         for i in range(0, len(captions), batch):
             b = collate([{"prompt_ids": p, "codes": c} for p, c in zip(ids[i:i + batch], image_codes[i:i + batch])])
-            hidden = hf.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                      position_ids=b["position_ids"]).last_hidden_state  # [B, T, H]
-            N = b["image_codes"].shape[1]
-            logits = hidden[:, -N - 1:-1].float() @ head.float().T  # [B, N, C]
-            nll = F.cross_entropy(logits.transpose(1, 2), b["image_codes"], reduction="none")  # [B, N]
+            logits, _ = image_logits(policy.model, b, policy.layout)  # [B, N, C]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["image_codes"], reduction="none")
             out.append(nll.sum(1).double().numpy())
     return np.concatenate(out)
 

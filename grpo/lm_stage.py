@@ -224,11 +224,11 @@ def _hf_model(model):
             return model
 
 
-def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy of the image codes (and optionally the prompt text) without full-vocabulary logits.
+def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the image positions over the visual slice only (no full-vocabulary logits).
 
     batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N].
-    Returns (loss, {"image_loss", "text_loss"} as floats).
+    Returns (logits float32 [B, N, C] predicting image_codes, the decoder's hidden states [B, T, H]).
     """
     hf = _hf_model(model)
     decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
@@ -243,7 +243,19 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
     logits = hidden[:, -N - 1 : -1] @ w.T  # [B, N, C]
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[layout.visual_slice]
-    image_loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+    return logits.float(), hidden
+
+
+def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of the image codes (and optionally the prompt text) without full-vocabulary logits.
+
+    batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N].
+    Returns (loss, {"image_loss", "text_loss"} as floats).
+    """
+    logits, hidden = image_logits(model, batch, layout)
+    codes = batch["image_codes"]  # [B, N]
+    N = codes.shape[1]
+    image_loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     metrics = {"image_loss": float(image_loss.detach())}
     loss = image_loss
     if text_loss_weight > 0:
@@ -252,6 +264,7 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
         m = batch["attention_mask"][:, :L].bool()
         valid = m[:, :-1] & m[:, 1:]  # [B, L-1]: position t predicts prompt token t+1
         if bool(valid.any()):
+            head = _hf_model(model).get_output_embeddings()
             h = hidden[:, : L - 1][valid]  # [K, H]
             wt = head.weight[: layout.text_vocab_size]
             tl = h @ wt.T
