@@ -169,8 +169,12 @@ def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[s
 
     tags = sorted(sft["tags"])
     tag_rows = [{"policy": "SFT", **{t: f"{sft['tags'][t]['acc']:.3f} ± {sft['tags'][t]['se']:.3f}" for t in tags}}]
+    by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: name each config
     for r in runs:
-        tag_rows.append({"policy": f"GRPO {r['mode']} seed {r['seed']}",
+        label = f"GRPO {r['mode']} seed {r['seed']}"
+        if by_config:
+            label += " " + " ".join(o for o in r.get("overrides") or [] if not o.startswith("threads="))
+        tag_rows.append({"policy": label.rstrip(),
                          **{t: f"{r['final']['tags'][t]['acc']:.3f} ± {r['final']['tags'][t]['se']:.3f}"
                             for t in tags}})
     png = (results_dir or Path(__file__).resolve().parent / "results") / f"{name}_curves.png"

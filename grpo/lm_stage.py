@@ -463,6 +463,7 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     from models.image_tokenizers import load_image_tokenizer
     from models.layout import layout_preset
     from models.policy import policy_from_config
+    from models.visual_init import init_visual_rows
 
     if cfg.policy.checkpoint is not None:
         model, loaded = policy_from_config(cfg.policy, device=device)
@@ -486,6 +487,7 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     layout = layout_preset(cfg.layout, text_vocab_size=len(tokenizer), **geometry)
     model, _ = policy_from_config(cfg.policy, layout=layout, device=device)
     base = _hf_model(model)
+    init_visual_rows(base, layout, image_tokenizer, cfg.policy.visual_init, seed=cfg.policy.seed)
     for conf in (base.config, getattr(base, "generation_config", None)):
         if conf is not None:  # the new text tokenizer's pad id, so Trainer has nothing to "align"
             conf.pad_token_id = tokenizer.pad_token_id

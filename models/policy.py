@@ -573,11 +573,19 @@ class PolicyConfig:
                                                                              "embeddings; None: the preset's choice."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16."})
     seed: int = field(default=0, metadata={"help": "Initialisation seed of a new model."})
+    visual_init: str = field(default="codebook", metadata={"help": "How a new model's visual embedding and head "
+                                                                    "rows start: 'codebook' (from the image "
+                                                                    "tokenizer's code features, models.visual_init) "
+                                                                    "or 'random'."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
 
     def __post_init__(self):
         if self.checkpoint is None and self.size not in SIZE_PRESETS:
             raise ValueError(f"size: unknown preset {self.size!r}; known: {sorted(SIZE_PRESETS)}")
+        from models.visual_init import VISUAL_INITS
+
+        if self.visual_init not in VISUAL_INITS:
+            raise ValueError(f"visual_init: unknown {self.visual_init!r}; known: {sorted(VISUAL_INITS)}")
         _resolve_dtype(self.dtype)
 
 

@@ -14,6 +14,9 @@ class ImageTokenizer(Protocol):
 
     encode: images uint8 [B, H, W, 3] (numpy or torch) -> codes int64 [B, h, w]
     decode: codes int [B, h, w] -> images uint8 [B, H, W, 3] (torch, CPU)
+
+    Optional: ``code_features() -> float [codebook_size, F]``, a vector per code that places similar codes near each
+    other (what ``policy.visual_init: codebook`` initialises a new model's visual rows from).
     """
 
     codebook_size: int

@@ -138,6 +138,10 @@ class CosmosTokenizer:
         self._encoder = None
         self._decoder = None
 
+    def code_features(self) -> torch.Tensor:
+        """float32 [K, D]: each index's normalised FSQ code (one coordinate per level), the vector the decoder sees."""
+        return indices_to_codes(torch.arange(self.codebook_size), self.levels)
+
     # ---- TorchScript modules ---------------------------------------------------------------------------------
     def _load(self, name: str):
         f = self.path / name

@@ -188,6 +188,18 @@ class VQTokenizer:
         img = book[codes.long()]  # [B, h, w, p, p, 3]
         return img.permute(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, 3).cpu()
 
+    def code_features(self) -> torch.Tensor:
+        """float32 [K, 1 + M + C]: code 0 (background) -> [1, 0...]; code 1 + m*C + c -> one-hot mask m and one-hot
+        colour c. Additive in the two factors, so a model's rows initialised from them share a colour's part
+        across masks (models.visual_init)."""
+        m, c = int(self.masks.shape[0]), int(self.colors.shape[0])
+        feats = torch.zeros(self.codebook_size, 1 + m + c)
+        feats[0, 0] = 1.0
+        k = torch.arange(m * c)
+        feats[1 + k, 1 + k // c] = 1.0
+        feats[1 + k, 1 + m + k % c] = 1.0
+        return feats
+
     # ---- persistence -----------------------------------------------------------------------------------------------
     def config(self) -> dict:
         return {
