@@ -8,7 +8,7 @@ import torch
 
 from data.shapes import ShapesWorld
 from grpo.lm_stage import PretrainConfig, prepare_policy
-from models.image_tokenizers.cosmos import indices_to_codes
+from models.image_tokenizers.cosmos import DECODER_FILE, CosmosTokenizer, indices_to_codes
 from models.image_tokenizers.vq import VQTokenizer
 from models.layout import layout_preset
 from models.policy import PolicyConfig, build_policy
@@ -88,9 +88,11 @@ def test_random_init_keeps_the_architectures_rows_and_bad_names_fail(vq):
         init_visual_rows(model, layout, NoFeatures(), "codebook", seed=0)
 
 
-def test_fsq_code_features_are_the_normalised_codes():
-    levels = (8, 5, 3)
-    feats = indices_to_codes(torch.arange(8 * 5 * 3), levels)
+def test_fsq_code_features_are_the_normalised_codes(tmp_path):
+    (tmp_path / DECODER_FILE).write_bytes(b"")  # the modules load lazily; code_features needs neither
+    tok = CosmosTokenizer(tmp_path, image_size=(32, 32), levels=(8, 5, 3), spatial_compression=16)
+    feats = tok.code_features()
+    assert torch.equal(feats, indices_to_codes(torch.arange(120), (8, 5, 3)))
     assert feats.shape == (120, 3) and float(feats.min()) == -1.0 and float(feats.max()) <= 1.0
     # index 1 moves only the first digit: one step of 1 / (8 // 2)
     assert torch.allclose(feats[1] - feats[0], torch.tensor([0.25, 0.0, 0.0]))
