@@ -19,25 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-VISUAL_INITS: dict[str, Callable] = {}
 
-
-def register_visual_init(name: str):
-    def deco(fn):
-        if name in VISUAL_INITS:
-            raise ValueError(f"visual init {name!r} is already registered")
-        VISUAL_INITS[name] = fn
-        return fn
-
-    return deco
-
-
-@register_visual_init("random")
 def random_init(model, layout, image_tokenizer, generator: torch.Generator) -> None:
     """Keep the architecture's own random initialisation."""
 
 
-@register_visual_init("codebook")
 def codebook_init(model, layout, image_tokenizer, generator: torch.Generator) -> None:
     """Visual embedding and LM-head rows := the tokenizer's code features [K, F] @ a Gaussian [F, hidden], rescaled
     to the model's ``initializer_range`` (so the rows are as large as the random ones they replace)."""
@@ -59,6 +45,10 @@ def codebook_init(model, layout, image_tokenizer, generator: torch.Generator) ->
         embed[layout.visual_slice] = rows.to(embed.dtype)
         if head.data_ptr() != embed.data_ptr():  # tied weights share the rows just written
             head[layout.visual_slice] = rows.to(head.dtype)
+
+
+# name -> fn(model, layout, image_tokenizer, generator); add an entry to offer another init
+VISUAL_INITS: dict[str, Callable] = {"random": random_init, "codebook": codebook_init}
 
 
 def init_visual_rows(model, layout, image_tokenizer, name: str, seed: int) -> None:
