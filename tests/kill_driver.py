@@ -198,6 +198,14 @@ def _private_tqdm_lock() -> None:
     lock_cls.mp_lock = multiprocessing.RLock()
     lock_cls.th_lock = threading.RLock()
     tqdm.std.tqdm.set_lock(lock_cls())
+    # A subclass that drew a bar in the parent (transformers' "Loading weights" bar, after the parent inspected a
+    # checkpoint) holds its own lock object, built around the parent's semaphore: it must not reach the child.
+    todo = list(tqdm.std.tqdm.__subclasses__())
+    while todo:
+        sub = todo.pop()
+        todo += sub.__subclasses__()
+        if "_lock" in vars(sub):
+            del sub._lock  # falls back to the base class's fresh lock
 
 
 def _child(stage: Stage, kind: str, markers: Path, min_step: int) -> None:
