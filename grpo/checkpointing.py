@@ -55,7 +55,7 @@ def read_run_state(path: str | Path) -> dict:
 # What a resumed run must share with the run that wrote the checkpoint: these fix the data order (grpo.prompts)
 # and what one step trains on. Anything else (max_steps, learning rate, logging, ...) may change on resume.
 RESUME_KEYS = ("seed", "prompts_per_generation", "grpo.num_generations", "data.train_prompts", "data.shuffle",
-               "data.max_prompts", "data.shapes_per_tag", "data.shapes_seed")
+               "data.max_prompts", "data.shapes_per_tag", "data.shapes_seed", "data.tag_weights")
 
 
 def _lookup(d: dict, dotted: str):

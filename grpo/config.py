@@ -68,6 +68,16 @@ class DataConfig:
     shapes_seed: int = field(default=0, metadata={"help": "'shapes:<split>' prompt set seed"})
     shuffle: bool = field(default=True, metadata={"help": "reshuffle the prompts every epoch (seeded)"})
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N training prompts"})
+    tag_weights: dict = field(
+        default_factory=dict,
+        metadata={"help": "how often each GenEval tag's training prompts are drawn, relative to the file (tags not "
+                          "named: 1), e.g. {single_object: 0.25}: a quarter of that tag's rows, in file order; "
+                          "2: each row twice; {} = every row once per epoch"})
+
+    def __post_init__(self):
+        for tag, w in self.tag_weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise ValueError(f"data.tag_weights.{tag}: expected a number >= 0, got {w!r}")
 
 
 @dataclass

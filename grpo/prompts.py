@@ -57,6 +57,30 @@ def load_prompts(source: str, shapes_per_tag: int = 200, shapes_seed: int = 0) -
     return rows
 
 
+def weight_by_tag(specs: list[dict], weights: dict[str, float], where: str = "tag_weights") -> list[dict]:
+    """The prompt set with each tag's rows drawn ``weights[tag]`` times as often (tags not named: 1).
+
+    A tag with ``n`` rows and weight ``w`` keeps ``round(w * n)`` rows, taken in file order and cycling through them
+    when ``w > 1``, so the result is a fixed list that the per-epoch shuffles of :func:`schedule` then permute.
+    Rows keep their relative order. A weight naming a tag that no row carries is an error (a typo would otherwise
+    silently train on the unweighted set).
+    """
+    by_tag: dict[str, list[int]] = {}
+    for i, s in enumerate(specs):
+        by_tag.setdefault(s.get("tag"), []).append(i)
+    unknown = sorted(t for t in weights if t not in by_tag)
+    if unknown:
+        known = sorted(t for t in by_tag if t is not None)
+        raise ValueError(f"{where}: no training prompt has tag {unknown[0]!r}; the prompts' tags: {known}")
+    picked: list[int] = []
+    for tag, rows in by_tag.items():
+        n = round(float(weights.get(tag, 1.0)) * len(rows))
+        picked += [rows[j % len(rows)] for j in range(n)]
+    if not picked:
+        raise ValueError(f"{where}: the weights leave no training prompt")
+    return [specs[i] for i in sorted(picked)]
+
+
 def schedule(n_prompts: int, total: int, seed: int, shuffle: bool = True) -> np.ndarray:
     """Indices into the prompt set, ``[total]``: epoch after epoch, each a permutation seeded by (seed, epoch)."""
     if n_prompts < 1:

@@ -181,7 +181,7 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
     eval_fn: optional ``fn(trainer, step) -> {name: value}``; default: grpo.evaluate when eval.every > 0.
     """
-    from grpo.prompts import load_prompts, prompt_stream
+    from grpo.prompts import load_prompts, prompt_stream, weight_by_tag
     from grpo.reward_funcs import build_reward_funcs
     from models.runtime import resolve_device, set_threads
 
@@ -199,6 +199,8 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     specs = load_prompts(cfg.data.train_prompts, cfg.data.shapes_per_tag, cfg.data.shapes_seed)
     if cfg.data.max_prompts:
         specs = specs[: cfg.data.max_prompts]
+    if cfg.data.tag_weights:
+        specs = weight_by_tag(specs, cfg.data.tag_weights, where=f"data.tag_weights ({cfg.data.train_prompts})")
     P = cfg.grpo.prompts_per_generation
     dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
 
