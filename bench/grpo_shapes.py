@@ -72,7 +72,7 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
         label = f"{r['mode']} seed {r['seed']}"
         color = colors[r["mode"]]
         if by_config:
-            label += " " + " ".join(o.replace("grpo.", "") for o in r.get("overrides") or [])[:48]
+            label += " " + config_label(r.get("overrides"))
             color = palette[i % len(palette)]
         ls = styles[r["seed"] % len(styles)]
         axes[0].plot(steps, smooth, ls, color=color, label=label)
@@ -92,9 +92,33 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     axes[2].set(xlabel="step", ylabel="held-out GenEval-style score (± SE)", title="held-out score")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        if not by_config:
+            ax.legend(fontsize=7)
+    if by_config:  # long labels: one legend for the three panels, below them
+        handles, labels = axes[2].get_legend_handles_labels()
+        legend_h = 0.2 + 0.16 * ((len(labels) + 1) // 2)  # inches: two columns of 7-point lines
+        fig.set_size_inches(16, 4.2 + legend_h)
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, legend_h / (4.2 + legend_h), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def run_threads(runs: list[dict]) -> int | None:
+    """The torch threads the runs used: their common ``threads=N`` override, else None (this process's count, which
+    is what a run without one used: every core)."""
+    per_run = [[o.split("=", 1)[1] for o in r.get("overrides") or [] if o.startswith("threads=")] for r in runs]
+    values = {v[-1] for v in per_run if v}
+    if len(values) == 1 and all(per_run) and values != {"null"}:
+        return int(values.pop())
+    return None
+
+
+def config_label(overrides) -> str:
+    """A run's config in a legend or table: its overrides without the thread count and section prefixes."""
+    short = (o for o in overrides or [] if not o.startswith("threads="))
+    return " ".join(o.replace("policy.", "").replace("grpo.", "").replace("data.", "") for o in short)
 
 
 def main(argv=None) -> int:
@@ -173,14 +197,14 @@ def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[s
     for r in runs:
         label = f"GRPO {r['mode']} seed {r['seed']}"
         if by_config:
-            label += " " + " ".join(o for o in r.get("overrides") or [] if not o.startswith("threads="))
+            label += " " + config_label(r.get("overrides"))
         tag_rows.append({"policy": label.rstrip(),
                          **{t: f"{r['final']['tags'][t]['acc']:.3f} ± {r['final']['tags'][t]['se']:.3f}"
                             for t in tags}})
     png = (results_dir or Path(__file__).resolve().parent / "results") / f"{name}_curves.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, sft["overall"], png)
-    _, md = write_results(name, {"sft": sft, "runs": runs, **extra, "environment": environment(1)},
+    _, md = write_results(name, {"sft": sft, "runs": runs, **extra, "environment": environment(run_threads(runs))},
                           [run_row(sft, r) for r in runs], notes=notes + [f"curves: {png.name}"],
                           out_dir=results_dir)
     md.write_text(md.read_text() + "\n## Held-out accuracy per tag (± SE over prompts)\n\n"
