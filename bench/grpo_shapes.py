@@ -60,7 +60,7 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     colors = {"sync": "tab:blue", "async": "tab:orange"}
     styles = ["-", "--", ":", "-."]
-    by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: colour per config
+    by_config = mixes_configs(runs)  # a tuning merge: a colour and a label per config
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
         m = reward_rows(r["metrics"])
@@ -113,6 +113,11 @@ def run_threads(runs: list[dict]) -> int | None:
     if len(values) == 1 and all(per_run) and values != {"null"}:
         return int(values.pop())
     return None
+
+
+def mixes_configs(runs: list[dict]) -> bool:
+    """Whether the runs differ in their overrides (a merge of tuning runs), not only in mode and seed."""
+    return len({" ".join(r.get("overrides") or []) for r in runs}) > 1
 
 
 def config_label(overrides) -> str:
@@ -193,7 +198,7 @@ def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[s
 
     tags = sorted(sft["tags"])
     tag_rows = [{"policy": "SFT", **{t: f"{sft['tags'][t]['acc']:.3f} ± {sft['tags'][t]['se']:.3f}" for t in tags}}]
-    by_config = len({" ".join(r.get("overrides") or []) for r in runs}) > 1  # a tuning merge: name each config
+    by_config = mixes_configs(runs)  # a tuning merge: name each config
     for r in runs:
         label = f"GRPO {r['mode']} seed {r['seed']}"
         if by_config:

@@ -582,10 +582,9 @@ class PolicyConfig:
     def __post_init__(self):
         if self.checkpoint is None and self.size not in SIZE_PRESETS:
             raise ValueError(f"size: unknown preset {self.size!r}; known: {sorted(SIZE_PRESETS)}")
-        from models.visual_init import VISUAL_INITS
+        from models.visual_init import check_name
 
-        if self.visual_init not in VISUAL_INITS:
-            raise ValueError(f"visual_init: unknown {self.visual_init!r}; known: {sorted(VISUAL_INITS)}")
+        check_name(self.visual_init)
         _resolve_dtype(self.dtype)
 
 

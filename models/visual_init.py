@@ -51,8 +51,13 @@ def codebook_init(model, layout, image_tokenizer, generator: torch.Generator) ->
 VISUAL_INITS: dict[str, Callable] = {"random": random_init, "codebook": codebook_init}
 
 
-def init_visual_rows(model, layout, image_tokenizer, name: str, seed: int) -> None:
-    """Apply the registered init ``name`` (deterministic in ``seed``)."""
+def check_name(name: str) -> None:
+    """Fail, naming the config key and the choices, unless ``name`` is a registered init."""
     if name not in VISUAL_INITS:
         raise ValueError(f"policy.visual_init: unknown {name!r}; known: {sorted(VISUAL_INITS)}")
+
+
+def init_visual_rows(model, layout, image_tokenizer, name: str, seed: int) -> None:
+    """Apply the registered init ``name`` (deterministic in ``seed``)."""
+    check_name(name)
     VISUAL_INITS[name](model, layout, image_tokenizer, torch.Generator().manual_seed(int(seed)))
