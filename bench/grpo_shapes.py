@@ -2,8 +2,9 @@
 
     python -m bench.grpo_shapes --sft runs/shapes/sft --seeds 0 1 --modes sync async --budget-minutes 10
 
-Each (mode, seed) run trains recipes/configs/shapes/grpo.yaml from the SFT checkpoint for a fixed budget of
-process CPU time (robust when other jobs share the machine; ``--clock wall`` for wall time), evaluating the
+Each (mode, seed) run trains recipes/configs/shapes/grpo.yaml from the SFT checkpoint until the recipe's
+``grpo.max_steps`` (its LR schedule's length) or a budget of process CPU time runs out, whichever comes first
+(CPU time is robust when other jobs share the machine; ``--clock wall`` for wall time), evaluating the
 held-out set every ``--eval-every`` steps with the recipe's pinned eval settings (120 prompts x 4 samples; the
 evaluation's own time is not counted). Writes bench/results/grpo_shapes.{json,md} and grpo_shapes_curves.png.
 """
@@ -25,7 +26,7 @@ def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str
     from recipes.config import load_config
 
     sets = [f"output_dir={out}", f"policy.checkpoint={sft}", f"seed={seed}", f"rollout.mode={mode}",
-            f"budget_minutes={budget}", f"budget_clock={clock}", "grpo.max_steps=100000",
+            f"budget_minutes={budget}", f"budget_clock={clock}",
             f"eval.every={eval_every}", "logging.progress=false", "checkpoint.every=0"] + overrides
     cfg = load_config(GRPORunConfig, RECIPE, sets)
     t0, c0 = time.time(), time.process_time()

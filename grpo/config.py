@@ -9,7 +9,7 @@ Sections (YAML keys; any key can be overridden with ``--set section.key=value``)
     reward_actors, reward_pool                 score rewards on Ray actors (rewards.pool), one per reward
     data:        DataConfig                    prompt sets (GenEval-schema jsonl)
     grpo:        GRPOSection                   TRL GRPOConfig fields (loss_type, beta, epsilon, ...), plus `trl`
-                                               for any other GRPOConfig field
+                                               for any other GRPOConfig field, and skip_zero_advantage
     correction:  CorrectionConfig              importance-sampling correction from the sampler logprobs
     logging:     LoggingConfig                 TensorBoard / W&B, image grids, metrics.jsonl
     checkpoint:  CheckpointConfig              every N steps, atomic, resumable
@@ -80,9 +80,14 @@ class DataConfig:
                 raise ValueError(f"data.tag_weights.{tag}: expected a number >= 0, got {w!r}")
 
 
+# GRPOSection fields that are argrpo's and never reach TRL's GRPOConfig
+NOT_TRL_FIELDS = ("trl", "skip_zero_advantage")
+
+
 @dataclass
 class GRPOSection:
-    """TRL GRPOConfig fields (same names, same meaning; see TRL's docs). Any other GRPOConfig field goes in `trl`."""
+    """TRL GRPOConfig fields (same names, same meaning; see TRL's docs). Any other GRPOConfig field goes in `trl`;
+    the fields in NOT_TRL_FIELDS are argrpo's."""
 
     loss_type: str = field(default="dapo", metadata={"help": f"TRL loss: {', '.join(LOSS_TYPES)}"})
     beta: float = field(default=0.0, metadata={"help": "KL (k3) weight against the reference policy (0: no KL)"})
@@ -116,6 +121,11 @@ class GRPOSection:
         default=None, metadata={"help": "drop negative-advantage sequences whose KL to the sampler exceeds this"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "importance-weight the KL term"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the learner"})
+    skip_zero_advantage: bool = field(
+        default=False,
+        metadata={"help": "learn only on completions whose advantage is nonzero (argrpo's, not TRL's): a group whose "
+                          "rewards all tie adds no policy gradient when beta and entropy_coef are 0, so its forward "
+                          "and backward are skipped; each micro-batch then holds fewer completions"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     trl: dict = field(default_factory=dict, metadata={"help": "any other GRPOConfig field, passed through"})
 
@@ -145,6 +155,9 @@ class GRPOSection:
             raise ValueError(f"grpo.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(f"grpo.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.skip_zero_advantage and (self.beta or self.entropy_coef):
+            raise ValueError("grpo.skip_zero_advantage needs grpo.beta = 0 and grpo.entropy_coef = 0: the KL and "
+                             "entropy terms give zero-advantage completions a gradient too")
         check_trl_passthrough(self.trl)
 
     @property

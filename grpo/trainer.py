@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from grpo.config import CorrectionConfig, GRPORunConfig
+from grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
 from grpo.logprobs import install_visual_head
 from grpo.stats import StepStats
 
@@ -68,10 +68,12 @@ class ARGRPOTrainer(GRPOTrainer):
         layout: the policy's TokenLayout (where the visual slice is).
         correction: CorrectionConfig to apply the importance-sampling correction with, or None.
         stats: StepStats the rollout function and rewards write into; merged into each training log line.
+        skip_zero_advantage: drop completions whose advantage is 0 from the generation batch before it is split
+            into micro-batches (only valid with beta = 0 and no entropy bonus: they add no gradient then).
     """
 
     def __init__(self, *args, layout, correction: CorrectionConfig | None = None, stats: StepStats | None = None,
-                 **kwargs):
+                 skip_zero_advantage: bool = False, **kwargs):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook
         super().__init__(*args, **kwargs)
         self.layout = layout
@@ -79,6 +81,7 @@ class ARGRPOTrainer(GRPOTrainer):
         install_visual_head(_hf_model(self.model), layout, self.temperature)
         if self.ref_model is not None:
             install_visual_head(_hf_model(self.ref_model), layout, self.temperature)
+        self.skip_zero_advantage = skip_zero_advantage
         self.sampler_correction = correction
         if correction is not None:
             self._enable_sampler_correction(correction)
@@ -98,6 +101,12 @@ class ARGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         self.stats.record_advantages(out["advantages"])
+        if self.skip_zero_advantage and self.model.training:
+            out = keep_nonzero_advantage(out, self.args.steps_per_generation)
+            kept = out["completion_mask"].sum().reshape(1).float()
+            # the dapo/cispo normaliser counts the tokens the learner actually sees, over every process
+            out["num_items_in_batch"] = self.accelerator.gather(kept).sum()
+            self.stats.values["advantages/kept"] = float(out["advantages"].numel())
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -106,11 +115,36 @@ class ARGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
 
+def keep_nonzero_advantage(batch: dict, multiple: int) -> dict:
+    """The rows of a generation batch whose advantage is nonzero, padded with zero-advantage rows up to a multiple
+    of ``multiple`` (TRL splits the batch into that many equal micro-batches and drops a remainder; zero rows add
+    no gradient, so the padding changes nothing but keeps every informative row).
+
+    batch: TRL's generation batch: ``advantages`` [B] and other per-row tensors [B, ...] (or lists of B);
+    0-d tensors and None pass through. Row order is kept (TRL shuffles afterwards). Returns a new dict.
+    """
+    adv = batch["advantages"]
+    n = adv.shape[0]
+    nonzero = torch.nonzero(adv != 0).reshape(-1)
+    zero = torch.nonzero(adv == 0).reshape(-1)
+    want = min(n, max(multiple, -(-nonzero.numel() // multiple) * multiple))
+    keep = torch.sort(torch.cat([nonzero, zero[:want - nonzero.numel()]])).values
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
+            out[key] = value[keep]
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = [value[i] for i in keep.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
 # ---- building a run from its config --------------------------------------------------------------------------------
 def trl_args(cfg: GRPORunConfig, n_image_tokens: int, device: torch.device) -> GRPOConfig:
     """The TRL ``GRPOConfig`` of a run."""
     g = cfg.grpo
-    own = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "trl"}
+    own = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name not in NOT_TRL_FIELDS}
     report = [r for r in cfg.logging.report_to if r == "wandb"]  # TensorBoard is wired by argrpo itself
     c = cfg.correction
     return GRPOConfig(
@@ -326,6 +360,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
         layout=layout,
         correction=cfg.correction if cfg.use_correction else None,
         stats=stats,
+        skip_zero_advantage=cfg.grpo.skip_zero_advantage,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

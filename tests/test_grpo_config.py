@@ -77,6 +77,14 @@ def test_bad_values_are_refused_by_key(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("term", ["grpo.beta=0.04", "grpo.entropy_coef=0.01"])
+def test_skip_zero_advantage_is_refused_with_a_kl_or_entropy_term(term):
+    with pytest.raises(ConfigError, match="skip_zero_advantage needs grpo.beta = 0"):
+        load_config(GRPORunConfig, None, BASE + ["grpo.skip_zero_advantage=true", term])
+    cfg = load_config(GRPORunConfig, None, BASE + ["grpo.skip_zero_advantage=true"])
+    assert "skip_zero_advantage" not in trl_args(cfg, n_image_tokens=64, device=torch.device("cpu")).to_dict()
+
+
 def test_generation_batch_counts_steps_per_generation():
     cfg = load_config(GRPORunConfig, None, BASE + ["grpo.per_device_train_batch_size=8",
                                                    "grpo.gradient_accumulation_steps=4", "grpo.num_generations=16"])

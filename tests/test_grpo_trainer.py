@@ -11,7 +11,7 @@ from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
 
 from grpo.config import GRPORunConfig
-from grpo.trainer import build_run, train
+from grpo.trainer import build_run, keep_nonzero_advantage, train
 from recipes.config import load_config
 
 
@@ -198,6 +198,43 @@ def test_equal_rewards_give_zero_advantage_and_none_rewards_are_skipped(world, p
     assert log["rewards/nothing/skipped"] == 1.0 and log["rewards/nothing/mean"] is None
     assert log["rewards/constant/skipped"] == 0.0
     assert math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])
+
+
+def test_keep_nonzero_advantage_keeps_every_informative_row_in_order():
+    adv = torch.tensor([0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 2.0, 0.0])
+    batch = {"advantages": adv, "completion_ids": torch.arange(8).reshape(8, 1), "texts": list("abcdefgh"),
+             "num_items_in_batch": torch.tensor(8.0), "old_per_token_logps": None}
+    out = keep_nonzero_advantage(batch, multiple=2)
+    # rows 1, 3, 6 are informative; one zero row (the first, 0) pads them to a multiple of 2
+    assert out["completion_ids"].reshape(-1).tolist() == [0, 1, 3, 6]
+    assert out["texts"] == ["a", "b", "d", "g"] and out["advantages"].tolist() == [0.0, 1.0, -1.0, 2.0]
+    assert out["num_items_in_batch"] is batch["num_items_in_batch"] and out["old_per_token_logps"] is None
+    assert keep_nonzero_advantage({"advantages": torch.zeros(8)}, multiple=4)["advantages"].numel() == 4
+    assert keep_nonzero_advantage({"advantages": torch.ones(8)}, multiple=4)["advantages"].numel() == 8
+
+
+@pytest.mark.parametrize("reward, rows_per_step", [("redness", 8), ("constant", 1)])
+def test_skip_zero_advantage_learns_only_on_informative_rows(world, plugins, tmp_path, reward, rows_per_step):
+    """redness: every completion informative, nothing dropped; constant: every group ties, so each of the two
+    micro-batches holds one (zero) row instead of eight."""
+    cfg = make_cfg(world, tmp_path, **{"grpo.max_steps": 2, "grpo.steps_per_generation": 2,
+                                       "grpo.skip_zero_advantage": True,
+                                       "rewards": f"[{{name: 'user_rewards:{reward}'}}]"})
+    run = build_run(cfg)
+    seen = []
+    compute_loss = run.trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        seen.append(inputs["advantages"].numel())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    run.trainer.compute_loss = recording
+    try:
+        run.trainer.train()
+    finally:
+        run.close()
+    assert seen == [rows_per_step, rows_per_step]
+    assert train_logs(run.trainer)[0]["advantages/kept"] == 2 * rows_per_step
 
 
 def test_train_entry_point_with_plugin_reward_from_yaml(world, plugins, tmp_path):
