@@ -63,6 +63,8 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     by_config = mixes_configs(runs)  # a tuning merge: a colour and a label per config
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(runs) > len(palette):  # more runs than the default cycle's ten colours: no two runs share one
+        palette = [plt.cm.tab20(k) for k in range(20)]
     for i, r in enumerate(runs):
         m = reward_rows(r["metrics"])
         steps = [x["step"] for x in m]
