@@ -21,6 +21,8 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "shapes" 
 
 def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str, eval_every: int,
             overrides: list[str]) -> dict:
+    import torch
+
     from grpo.config import GRPORunConfig
     from grpo.trainer import train
     from recipes.config import load_config
@@ -32,6 +34,7 @@ def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str
     t0, c0 = time.time(), time.process_time()
     summary = train(cfg)
     summary["wall_s"], summary["cpu_s"] = time.time() - t0, time.process_time() - c0
+    summary["threads"] = torch.get_num_threads()  # what train() set from cfg.threads (recipe, override or cores)
     summary["metrics"] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return summary
 
@@ -109,13 +112,16 @@ def plot(runs: list[dict], sft_score: float, path: Path) -> None:
 
 
 def run_threads(runs: list[dict]) -> int | None:
-    """The torch threads the runs used: their common ``threads=N`` override, else None (this process's count, which
-    is what a run without one used: every core)."""
-    per_run = [[o.split("=", 1)[1] for o in r.get("overrides") or [] if o.startswith("threads=")] for r in runs]
-    values = {v[-1] for v in per_run if v}
-    if len(values) == 1 and all(per_run) and values != {"null"}:
-        return int(values.pop())
-    return None
+    """The torch threads the runs used when they all agree, else None. Runs record their count; result files
+    written before they did name it only as a ``threads=N`` override (none: every core)."""
+    used = set()
+    for r in runs:
+        n = r.get("threads")
+        if n is None:
+            given = [o.split("=", 1)[1] for o in r.get("overrides") or [] if o.startswith("threads=")]
+            n = int(given[-1]) if given and given[-1] != "null" else None
+        used.add(n)
+    return used.pop() if len(used) == 1 and None not in used else None
 
 
 def mixes_configs(runs: list[dict]) -> bool:
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
                 curve.append((s["steps"], final["overall"], final["se"]))
             runs.append({"mode": mode, "seed": seed, "steps": s["steps"], "final": final, "eval_curve": curve,
                          "wall_s": s["wall_s"], "cpu_s": s["cpu_s"], "time_totals": s["time_totals"],
-                         "metrics": s["metrics"], "prefetch": s["prefetch"], "overrides": list(args.overrides)})
+                         "metrics": s["metrics"], "prefetch": s["prefetch"], "overrides": list(args.overrides),
+                         "threads": s["threads"]})
             print(json.dumps(run_row(sft, runs[-1])), flush=True)
     notes = [f"budget: {args.budget_minutes} min of {args.clock} time per run; held-out: {eval_cfg.prompts} "
              f"({eval_cfg.shapes_per_tag}/tag) x {eval_cfg.settings.sampling.n} samples, cfg "

@@ -106,7 +106,7 @@ class ARGRPOTrainer(GRPOTrainer):
             kept = out["completion_mask"].sum().reshape(1).float()
             # the dapo/cispo normaliser counts the tokens the learner actually sees, over every process
             out["num_items_in_batch"] = self.accelerator.gather(kept).sum()
-            self.stats.values["advantages/kept"] = float(out["advantages"].numel())
+            self.stats.set("advantages/kept", out["advantages"].numel())
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
