@@ -115,6 +115,12 @@ class LMStageConfig:
     copy_image_tokenizer: bool = field(
         default=True, metadata={"help": "copy the image tokenizer into checkpoints (False: reference its path)"}
     )
+    visual_head: str = field(
+        default="free",
+        metadata={"help": "what the LM head's visual rows may express: 'free' (a vector per code) or 'factored' "
+                          "(sums of the image tokenizer's code features, e.g. mask + colour; projected after "
+                          "every step, models.visual_head)"},
+    )
     train: TrainSettings = field(default_factory=TrainSettings, metadata={"help": "optimisation"})
 
     def __post_init__(self):
@@ -124,6 +130,12 @@ class LMStageConfig:
             raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight}")
         if self.policy.checkpoint is None and self.image_tokenizer is None:
             raise ValueError("a new policy needs image_tokenizer (the directory `argrpo tokenizer train` wrote)")
+        from models.visual_head import check_name
+
+        check_name(self.visual_head)
+        if self.visual_head != "free" and self.policy.lora.enabled:
+            raise ValueError(f"visual_head={self.visual_head!r} constrains the LM head, which LoRA adapters neither "
+                             f"train nor save; use it with full training (policy.lora.enabled=false)")
 
 
 @dataclass
@@ -505,6 +517,7 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     from data.captions import load_caption_dataset
     from data.token_cache import build_token_cache
     from models.runtime import resolve_device, seed_everything, set_threads
+    from models.visual_head import visual_head_callbacks
 
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -550,7 +563,8 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=CodesCollator(layout, pad),
-        processing_class=tokenizer, callbacks=list(callbacks), layout=layout,
+        processing_class=tokenizer,
+        callbacks=[*callbacks, *visual_head_callbacks(cfg.visual_head, model, layout, image_tokenizer)], layout=layout,
         text_loss_weight=cfg.text_loss_weight, image_tokenizer_ref=str(tok_dir.absolute()),
         copy_image_tokenizer=cfg.copy_image_tokenizer,
     )
