@@ -20,16 +20,13 @@ no constraint; a stage config names one in ``visual_head``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
 
-
-def _head_weight(model) -> torch.Tensor:
-    model = getattr(model, "get_base_model", lambda: model)()
-    return model.get_output_embeddings().weight
-
+logger = logging.getLogger(__name__)
 
 class FeatureSpanProjector:
     """Projects the head's visual rows ``W [K, hidden]`` onto the column span of ``F [K, D]`` in place.
@@ -43,7 +40,7 @@ class FeatureSpanProjector:
         if features is None:
             raise ValueError(f"visual_head='factored': the {type(image_tokenizer).__name__} image tokenizer offers "
                              "no code_features(); use visual_head: free")
-        self.weight = _head_weight(model)
+        self.weight = model.get_output_embeddings().weight
         self.rows = layout.visual_slice
         feats = features().double()  # [K, D]
         if feats.shape[0] != layout.codebook_size:
@@ -66,11 +63,13 @@ class FactoredHead(TrainerCallback):
 
     def __init__(self, model, layout, image_tokenizer):
         self.project = FeatureSpanProjector(model, layout, image_tokenizer)
-        self.removed_at_start: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # a checkpoint trained with a free head starts here with the part of its rows a factored head cannot hold
-        self.removed_at_start = self.project()
+        # a checkpoint trained with a free head starts here without the part of its rows a factored head cannot hold
+        removed = self.project()
+        if removed > 1e-6:
+            logger.info("visual_head=factored: projected the head's visual rows onto the code features' span "
+                        "(%.1f%% of their norm removed)", 100 * removed)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.project()

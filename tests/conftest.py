@@ -37,3 +37,15 @@ def ray_cluster():
     init_ray(num_cpus=4)
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def vq_dir(tmp_path_factory):
+    """The shapes world's factorised VQ tokenizer, fitted on 200 training renders (tests only read it)."""
+    from data.shapes import ShapesWorld
+    from models.image_tokenizers.vq import VQTokenizer
+
+    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
+    path = tmp_path_factory.mktemp("vq")
+    VQTokenizer.fit(images).save_pretrained(path)
+    return path

@@ -171,17 +171,6 @@ def test_grpo_sigkill_at_any_moment_leaves_the_last_checkpoint_loadable_and_resu
     assert [r["reward"] for r in metrics(out)] == pytest.approx([r["reward"] for r in metrics(ref)], abs=1e-6)
 
 
-@pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    from data.shapes import ShapesWorld
-    from models.image_tokenizers.vq import VQTokenizer
-
-    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
-    path = tmp_path_factory.mktemp("vq")
-    VQTokenizer.fit(images).save_pretrained(path)
-    return path
-
-
 def test_pretrain_sigkill_at_any_moment_leaves_the_last_checkpoint_loadable_and_resume_matches(vq_dir, tmp_path):
     """The same four kills for pretraining (Trainer's checkpoint-N directories, written atomically by
     grpo.lm_stage): every checkpoint that counts loads, the log history holds each step once, a finished run

@@ -26,14 +26,6 @@ from recipes.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
-    path = tmp_path_factory.mktemp("vq")
-    VQTokenizer.fit(images).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def parts(vq_dir):
     tok = build_text_tokenizer(ShapesWorld().vocabulary(), special_tokens=layout_preset(
         "shapes", text_vocab_size=0, codebook_size=8).special_tokens)

@@ -141,17 +141,6 @@ def test_grpo_resume_through_train_entry_point(world, tmp_path, monkeypatch):
 
 
 # ---- pretrain -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    from data.shapes import ShapesWorld
-    from models.image_tokenizers.vq import VQTokenizer
-
-    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
-    path = tmp_path_factory.mktemp("vq")
-    VQTokenizer.fit(images).save_pretrained(path)
-    return path
-
-
 def test_pretrain_four_steps_equal_two_plus_resume_plus_two(vq_dir, tmp_path, monkeypatch):
     """Same weights (exactly), the same batches in the same order (caption dropout included) and the same losses."""
     from safetensors.torch import load_file

@@ -3,21 +3,12 @@
 import pytest
 import torch
 
-from data.shapes import ShapesWorld
 from grpo.lm_stage import PretrainConfig, run_lm_stage
 from models.image_tokenizers.vq import VQTokenizer
 from models.layout import layout_preset
 from models.policy import build_policy, load_policy
 from models.visual_head import FeatureSpanProjector
 from recipes.config import ConfigError, load_config
-
-
-@pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    _, images, _ = ShapesWorld().sample("train", 200, seed=7)
-    path = tmp_path_factory.mktemp("vq")
-    VQTokenizer.fit(images).save_pretrained(path)
-    return path
 
 
 def _interaction(weight, layout, vq) -> float:
