@@ -7,8 +7,8 @@ direction of its own for every (mask, colour) pair it was trained on, and a colo
 was named with: asked for a pair no caption named, such a policy draws the colour on another shape or the shape in
 another colour. When ``W`` stays in the span of the code features ``F`` (``W = F @ P``), the logit of (m, c) is
 ``h . u_m + h . v_c`` for every ``h``: raising a colour raises it under every mask, so words learnt apart combine.
-Measured on the shapes world (bench/NOTES.md, "A factored visual head"): projecting the demo's SFT head onto the
-span lifts held-out ``colors`` from 0.20 to 0.50 with no training.
+Measured on the shapes world (bench/NOTES.md, "A factored visual head"): projecting a free-head SFT policy's head onto
+the span lifts held-out ``colors`` from 0.20 to 0.50 with no training.
 
 'factored' keeps the head there by projected gradient descent: the rows are projected onto span(F) when training
 begins and after every optimizer step (``W <- F F^+ W``; with tied embeddings the input rows follow). The head is
