@@ -9,8 +9,10 @@ a local checkpoint: ``.safetensors``, or a torch file read with ``weights_only=T
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -32,8 +34,10 @@ def register_open_clip_config(name: str, cfg: Mapping[str, Any]) -> str:
     global _CFG_DIR
     with _CFG_LOCK:
         if _CFG_DIR is None:
-            # open_clip re-reads every registered file on each registration, so the files must outlive this call.
+            # open_clip re-reads every registered file on each registration, so the files must outlive this call;
+            # they go when the process exits.
             _CFG_DIR = tempfile.mkdtemp(prefix="argrpo-open-clip-")
+            atexit.register(shutil.rmtree, _CFG_DIR, ignore_errors=True)
         path = Path(_CFG_DIR) / f"{name}.json"
         path.write_text(json.dumps(dict(cfg)))
         open_clip.add_model_config(str(path))

@@ -6,6 +6,12 @@ with the same formula computed by hand on the model that wrote those weights.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import open_clip
 import pytest
@@ -233,3 +239,19 @@ def test_color_classifier_is_geneval_zero_shot(imgs):
         want = [COLORS[k] for k in (f @ torch.stack(cols, 1)).argmax(-1)]
     assert got == want
     assert all(c in COLORS for c in got)
+
+
+def test_open_clip_config_files_go_with_the_process():
+    """Registered configs live in one temp dir that outlives each call and is removed when the process exits."""
+    script = ("import os\n"
+              "import open_clip\n"
+              "import rewards.clip as c\n"
+              f"c.register_open_clip_config('argrpo-exit-a', {TINY_CLIP!r})\n"
+              f"c.register_open_clip_config('argrpo-exit-b', {TINY_CLIP!r})\n"
+              "assert sorted(os.listdir(c._CFG_DIR)) == ['argrpo-exit-a.json', 'argrpo-exit-b.json']\n"
+              "assert 'argrpo-exit-a' in open_clip.list_models()\n"
+              "print(c._CFG_DIR)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    cfg_dir = out.stdout.strip().splitlines()[-1]
+    assert cfg_dir.startswith(tempfile.gettempdir()) and not os.path.exists(cfg_dir)
