@@ -263,6 +263,17 @@ def test_train_entry_point_with_plugin_reward_from_yaml(world, plugins, tmp_path
     assert loaded.layout == world["layout"]
 
 
+def test_plugin_reward_drives_learning(world, plugins, tmp_path):
+    """A reward from a module outside the package, named 'module:function', is what the policy learns to raise."""
+    cfg = make_cfg(world, tmp_path / "out", **{"grpo.max_steps": 12})
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    redness = [r["rewards/redness/mean"] for r in rows if "rewards/redness/mean" in r]
+    assert len(redness) == 12
+    first, last = sum(redness[:3]) / 3, sum(redness[-3:]) / 3
+    assert last > first + 0.2, redness
+
+
 def test_ray_rollout_workers_and_reward_actors(world, plugins, tmp_path, ray_cluster):
     """The same run on real Ray: one rollout actor (async, so it samples while the learner trains) and one reward
     actor per reward, all rewards of a batch scored concurrently; per-reward metrics still come out."""
