@@ -20,6 +20,10 @@ The held-out split holds compositions that never appear as a training prompt (``
 colour-shape pairs (in ``colors`` and ``color_attr``), one single-object class, one count per class, one order of
 some pairs of classes and one relation per ordered pair. Objects whose colour a prompt leaves free may take any
 colour in both splits, so every (mask, colour) patch is seen in training images.
+
+Placement is random by default; ``ShapesWorld(object_order="named")`` hands the same places out so that the objects
+of a prompt without a position clause appear in raster order in the order the prompt names them (see
+``_in_named_order`` for why a policy with a factored head needs that to bind two colours).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 SPLITS = ("train", "heldout")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 COUNTS = tuple(NUMBER_WORDS)
+OBJECT_ORDERS = ("random", "named")
 
 # GenEval's ten colour names, as flat RGB values chosen far apart from each other and from the background
 # (closest pair: orange-yellow, 85 apart), so nearest-palette segmentation tolerates blur and noise.
@@ -188,6 +193,12 @@ class ShapesWorld:
     cell: int = field(default=8, metadata={"help": "placement grid step in pixels (= image tokenizer patch size)"})
     gap: int = field(default=1, metadata={"help": "empty cells kept between object boxes (so blobs never merge)"})
     background: tuple[int, int, int] = field(default=BACKGROUND, metadata={"help": "background RGB"})
+    object_order: str = field(
+        default="random",
+        metadata={"help": "where the objects of a prompt without a position clause go: 'random' (any free place) or "
+                          "'named' (the same places, handed out so that the object named first starts first in "
+                          f"the image tokens' raster order); one of {list(OBJECT_ORDERS)}"},
+    )
 
     def __post_init__(self):
         for name in ("shapes", "colors", "sizes", "background"):
@@ -205,6 +216,8 @@ class ShapesWorld:
         if not self.sizes or any(s <= 0 or s % self.cell or s > self.image_size for s in self.sizes):
             raise ValueError(f"ShapesWorld.sizes: need positive multiples of cell {self.cell} that fit the image, "
                              f"got {list(self.sizes)}")
+        if self.object_order not in OBJECT_ORDERS:
+            raise ValueError(f"ShapesWorld.object_order: unknown {self.object_order!r}; known: {list(OBJECT_ORDERS)}")
         if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
             raise ValueError(f"ShapesWorld.background: expected an RGB triple, got {self.background}")
         if tuple(self.background) in {PALETTE[c] for c in self.colors}:
@@ -381,6 +394,8 @@ class ShapesWorld:
                 objects.append({"class": req["class"], "color": color, "box": self._box(r, c, size_c),
                                 "cells": (r, c, size_c), "include": i})
             else:
+                if self.object_order == "named" and not any("position" in req for req in spec["include"]):
+                    objects = _in_named_order(objects)
                 return self._draw(objects), {"objects": objects, "seed": int(seed)}
         raise RuntimeError(f"could not place the objects of {spec.get('prompt')!r} (seed {seed})")
 
@@ -423,6 +438,17 @@ class ShapesWorld:
             "metadata": datasets.Value("string"), "seed": datasets.Value("int64"), "image": datasets.Image(),
         })
         return datasets.Dataset.from_list(list(rows()), features=features)
+
+
+def _in_named_order(objects: list[dict]) -> list[dict]:
+    """The same boxes, handed to the objects in the order they are named: the first box in raster order (top row,
+    then left column) goes to the first object. An object's first image token is its box's top row, so the
+    policy then draws the named objects in turn; with random order the first token of a two-object image is either
+    object, and a head whose logits add a mask part and a colour part samples that token's shape and colour
+    independently, binding the colours of "a red circle and a blue square" half the time at best."""
+    keys = ("box", "cells")
+    boxes = sorted(({k: o[k] for k in keys} for o in objects), key=lambda b: b["cells"][:2])
+    return [{**o, **b} for o, b in zip(objects, boxes)]
 
 
 def render_seed(seed: int, index: int) -> int:
