@@ -380,6 +380,8 @@ def write_outputs(result: EvalResult, out_dir: Path, grid_rows: dict[str, list],
         for s in result.samples:
             f.write(json.dumps(s) + "\n")
     for tag, rows in grid_rows.items():
+        if not rows:  # grid_prompts: 0 asks for no grids
+            continue
         images = np.concatenate([r[1] for r in rows])
         correct = [ok for r in rows for ok in r[2]]
         grid = tag_grid(images, correct, [r[0] for r in rows], n)

@@ -126,6 +126,12 @@ def test_random_policy_scores_near_zero_and_outputs_are_written(shapes_policy, t
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:05d}" for i in range(12)]
     assert json.loads((out / "images" / "00004" / "metadata.jsonl").read_text()) == specs[4]
     assert sorted(p.name for p in (out / "images" / "00004" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    # grid_prompts: 0 writes the results and images and no grid
+    none = tmp_path / "no_grids"
+    evaluate(shapes_policy, None, specs[:2], output_dir=str(none), geneval_layout=True, grid_prompts=0,
+             sampling={"n": 1}, progress=False)
+    assert (none / "results.json").is_file() and (none / "images" / "00001" / "samples" / "00000.png").is_file()
+    assert not list(none.glob("grid_*.png"))
     # the policy's train/eval mode is restored for callers in the middle of training
     shapes_policy.model.train()
     evaluate(shapes_policy, None, specs[:1], sampling={"n": 1}, progress=False)
