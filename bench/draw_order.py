@@ -1,7 +1,7 @@
 """Which object a shapes policy draws first on "a <colour> <shape> and a <colour> <shape>", and in which colour.
 
     python -m bench.draw_order runs/demo/sft runs/demo/grpo/final
-    python -m bench.draw_order runs/named/sft --split heldout --prompts 20
+    python -m bench.draw_order runs/demo/grpo/final --split heldout --prompts 20
 
 A shapes-world code is one (mask, colour) pair, so an object's first image token carries its shape and its colour
 at once. A factored head (``visual_head: factored``) scores that token as ``h . u_mask + h . v_colour``: shape and
