@@ -49,27 +49,26 @@ def measure(policy_dir: str, split: str, n_prompts: int, samples: int, seed: int
     from grpo.evaluate import evaluate
     from models.policy import load_policy
     from rewards.detectors.shapes import ShapesDetector
-    from rewards.geneval import score_image
 
     specs = [s for s in ShapesWorld().prompt_set(split, n_prompts, seed) if s["tag"] == "color_attr"]
     detector = ShapesDetector()
     first_named = own_colour = correct = n = 0
     with tempfile.TemporaryDirectory() as tmp:
-        # the evaluator samples exactly as `argrpo eval` does and leaves the images in GenEval's folder layout
-        evaluate(load_policy(policy_dir), None, specs, output_dir=tmp, geneval_layout=True, progress=False,
-                 grid_prompts=0, sampling={"n": samples, "seed": seed, "temperature": 1.0, "top_k": 0,
-                                           "top_p": 1.0, "cfg_scale": 1.0})
+        # the evaluator samples and judges exactly as `argrpo eval` does (default sampling: temperature 1, no CFG);
+        # it keeps no boxes, so the images it leaves in GenEval's folder layout are detected again for their order
+        result = evaluate(load_policy(policy_dir), None, specs, output_dir=tmp, geneval_layout=True,
+                          progress=False, grid_prompts=0, sampling={"n": samples, "seed": seed})
         for i, spec in enumerate(specs):
             files = sorted((Path(tmp) / "images" / f"{i:05d}" / "samples").glob("*.png"))
             images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # [n, H, W, 3]
-            for dets in detector(images):
+            for k, dets in enumerate(detector(images)):
                 first = first_object(spec, dets)
                 if first is None:
                     continue
                 n += 1
                 first_named += first[0]
                 own_colour += first[1]
-                correct += bool(score_image(spec, dets)[0])
+                correct += result.samples[i * samples + k]["correct"]
 
     def frac(k: int) -> float:
         return round(k / n, 3) if n else math.nan

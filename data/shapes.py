@@ -446,9 +446,8 @@ def _in_named_order(objects: list[dict]) -> list[dict]:
     policy then draws the named objects in turn; with random order the first token of a two-object image is either
     object, and a head whose logits add a mask part and a colour part samples that token's shape and colour
     independently, binding the colours of "a red circle and a blue square" half the time at best."""
-    keys = ("box", "cells")
-    boxes = sorted(({k: o[k] for k in keys} for o in objects), key=lambda b: b["cells"][:2])
-    return [{**o, **b} for o, b in zip(objects, boxes)]
+    places = sorted(((o["box"], o["cells"]) for o in objects), key=lambda place: place[1][:2])
+    return [{**o, "box": box, "cells": cells} for o, (box, cells) in zip(objects, places)]
 
 
 def render_seed(seed: int, index: int) -> int:

@@ -345,9 +345,8 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
                     samples.append({"index": idx, "prompt": spec["prompt"], "tag": spec["tag"], "sample": k,
                                     "correct": bool(correct), "fraction": details["fraction"],
                                     "reasons": details["reasons"]})
-                rows = grid_rows.setdefault(spec["tag"], [])
-                if len(rows) < cfg.grid_prompts:
-                    rows.append((spec["prompt"], block.copy(), oks))
+                if len(grid_rows.get(spec["tag"], ())) < cfg.grid_prompts:  # grid_prompts 0: no grid at all
+                    grid_rows.setdefault(spec["tag"], []).append((spec["prompt"], block.copy(), oks))
                 if geneval_root is not None:
                     _write_geneval(geneval_root, idx, spec, block)
             timings["generate"] += t1 - t0
@@ -380,8 +379,6 @@ def write_outputs(result: EvalResult, out_dir: Path, grid_rows: dict[str, list],
         for s in result.samples:
             f.write(json.dumps(s) + "\n")
     for tag, rows in grid_rows.items():
-        if not rows:  # grid_prompts: 0 asks for no grids
-            continue
         images = np.concatenate([r[1] for r in rows])
         correct = [ok for r in rows for ok in r[2]]
         grid = tag_grid(images, correct, [r[0] for r in rows], n)
