@@ -39,7 +39,7 @@ def image_nats(policy, image_codes: torch.Tensor, captions: list[str], batch: in
 
     image_codes: int64 [R, N]; captions: R strings. Returns float64 [R] (nats per image).
     """
-    from grpo.lm_stage import CodesCollator, encode_captions, image_logits
+    from argrpo.grpo.lm_stage import CodesCollator, encode_captions, image_logits
 
     collate = CodesCollator(policy.layout, policy.tokenizer.pad_token_id)
     ids = encode_captions(policy.tokenizer, policy.layout, captions)
@@ -55,9 +55,9 @@ def image_nats(policy, image_codes: torch.Tensor, captions: list[str], batch: in
 
 def measure(policy_dir: str, per_composition: int = 8, seed: int = 0) -> list[dict]:
     """Rows (policy, split, tag, attribute, true / wrong-gap / empty-gap nats per image) for one policy."""
-    from data.shapes import TAGS, ShapesWorld, perturb_spec, spec_from_key
-    from models.image_tokenizers import load_image_tokenizer
-    from models.policy import load_policy
+    from argrpo.data.shapes import TAGS, ShapesWorld, perturb_spec, spec_from_key
+    from argrpo.models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.policy import load_policy
 
     policy = load_policy(policy_dir)
     policy.model.eval()

@@ -43,12 +43,11 @@ def measure(policy_dir: str, split: str, n_prompts: int, samples: int, seed: int
     import tempfile
     from pathlib import Path
 
+    from argrpo.data.shapes import ShapesWorld
+    from argrpo.grpo.evaluate import evaluate
+    from argrpo.models.policy import load_policy
+    from argrpo.rewards.detectors.shapes import ShapesDetector
     from PIL import Image
-
-    from data.shapes import ShapesWorld
-    from grpo.evaluate import evaluate
-    from models.policy import load_policy
-    from rewards.detectors.shapes import ShapesDetector
 
     specs = [s for s in ShapesWorld().prompt_set(split, n_prompts, seed) if s["tag"] == "color_attr"]
     detector = ShapesDetector()

@@ -22,10 +22,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "shapes" 
 def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str, eval_every: int,
             overrides: list[str]) -> dict:
     import torch
-
-    from grpo.config import GRPORunConfig
-    from grpo.trainer import train
-    from recipes.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import train
+    from argrpo.recipes.config import load_config
 
     sets = [f"output_dir={out}", f"policy.checkpoint={sft}", f"seed={seed}", f"rollout.mode={mode}",
             f"budget_minutes={budget}", f"budget_clock={clock}",
@@ -40,8 +39,8 @@ def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str
 
 
 def evaluate_policy(path: str, eval_cfg) -> dict:
-    from grpo import evaluate as ev
-    from models.policy import load_policy
+    from argrpo.grpo import evaluate as ev
+    from argrpo.models.policy import load_policy
 
     specs, _ = ev.load_prompt_set(eval_cfg.prompts, eval_cfg.shapes_per_tag, eval_cfg.shapes_seed)
     result = ev.evaluate(load_policy(path), None, specs, eval_cfg.settings)
@@ -151,8 +150,8 @@ def main(argv=None) -> int:
                    help="only combine these result files (same SFT) into --name's table and curves")
     args = p.parse_args(argv)
 
-    from grpo.config import GRPORunConfig
-    from recipes.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.recipes.config import load_config
 
     if args.merge:
         return merge(args)

@@ -74,8 +74,8 @@ def find_shapes_checkpoint(root: str = "runs") -> str | None:
 
 
 def random_model(spec: dict, seed: int = 0):
-    from models.layout import TokenLayout
-    from models.policy import build_policy
+    from argrpo.models.layout import TokenLayout
+    from argrpo.models.policy import build_policy
 
     layout = TokenLayout(name="custom", text_vocab_size=spec["text_vocab"], visual_offset=spec["text_vocab"],
                          codebook_size=spec["codebook"], grid=spec["grid"],
@@ -130,22 +130,22 @@ class SJDEngine:
     """A TorchEngine whose generate runs SJD with a chosen window and collects its statistics (for evaluate())."""
 
     def __init__(self, engine, window: int, init: str = "last"):
-        from rollout.engines.jacobi import JacobiStats
+        from argrpo.rollout.engines.jacobi import JacobiStats
 
         self.engine, self.window, self.init = engine, window, init
         self.stats = JacobiStats(window)
         self.weight_version = engine.weight_version
 
     def generate(self, prompt_ids, sampling):
-        from rollout.engines.jacobi import jacobi_generate
+        from argrpo.rollout.engines.jacobi import jacobi_generate
 
         return jacobi_generate(self.engine, prompt_ids, sampling, window=self.window, init=self.init,
                                stats=self.stats)
 
 
 def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tuple[dict, list[dict]]:
-    from rollout.engines.jacobi import JacobiStats, jacobi_generate
-    from rollout.types import SamplingParams
+    from argrpo.rollout.engines.jacobi import JacobiStats, jacobi_generate
+    from argrpo.rollout.types import SamplingParams
 
     layout = engine.layout
     N, C = layout.n_image_tokens, layout.codebook_size
@@ -245,8 +245,8 @@ def bench_model(name, engine, prompts, trained, args, cfgs, policy=None) -> tupl
 @torch.inference_mode()
 def logprob_error(engine, prompts, sp, window) -> float:
     """Largest |SJD sampler logprob - log p recomputed by full forwards of prompt + image| over the rows."""
-    from rollout.engines.jacobi import jacobi_generate
-    from rollout.sampling import final_logprobs
+    from argrpo.rollout.engines.jacobi import jacobi_generate
+    from argrpo.rollout.sampling import final_logprobs
 
     layout, model = engine.layout, engine.model
     out = jacobi_generate(engine, prompts, sp, window=window)
@@ -264,8 +264,8 @@ def logprob_error(engine, prompts, sp, window) -> float:
 
 
 def geneval_both(policy, engine, sp, args) -> dict:
-    from data.shapes import ShapesWorld
-    from grpo.evaluate import evaluate
+    from argrpo.data.shapes import ShapesWorld
+    from argrpo.grpo.evaluate import evaluate
 
     specs = ShapesWorld().prompt_set("heldout", args.geneval_per_tag, 0)
     out = {}
@@ -284,7 +284,7 @@ def geneval_both(policy, engine, sp, args) -> dict:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
-    from rollout.engines.jacobi import DEFAULT_WINDOW
+    from argrpo.rollout.engines.jacobi import DEFAULT_WINDOW
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples, shapes model only")
@@ -307,10 +307,10 @@ def main(argv=None) -> dict:
         ap.set_defaults(models="shapes", repeats=2, dist_samples=300, geneval_per_tag=4)
         args = ap.parse_args(argv)
     args.windows = sorted({int(w) for w in args.windows.split(",")} | {args.window})
-    from models.runtime import set_threads
+    from argrpo.models.runtime import set_threads
 
     threads = set_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.engines.torch_engine import TorchEngine
 
     results = {"window": args.window, "windows": args.windows, "threads": threads}
     rows: list[dict] = []
@@ -320,9 +320,9 @@ def main(argv=None) -> dict:
         ckpt = args.shapes_checkpoint or find_shapes_checkpoint()
         policy = None
         if ckpt:
-            from data.shapes import ShapesWorld
-            from models.policy import load_policy
-            from rollout.engines.base import encode_prompts
+            from argrpo.data.shapes import ShapesWorld
+            from argrpo.models.policy import load_policy
+            from argrpo.rollout.engines.base import encode_prompts
 
             policy = load_policy(ckpt)
             engine = TorchEngine(policy.model, policy.layout, tokenizer=policy.tokenizer)

@@ -102,8 +102,7 @@ def install_full_logits_head(model, n_completion: int, temperature: float) -> No
     import types
 
     import torch
-
-    from grpo.logprobs import VisualHeadOutput
+    from argrpo.grpo.logprobs import VisualHeadOutput
 
     previous = model.forward
     temp = float(temperature)
@@ -138,13 +137,12 @@ def run_variant(cfg: MemConfig, tuning: str, head: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from argrpo.grpo.trainer import ARGRPOTrainer
+    from argrpo.models.layout import TokenLayout
+    from argrpo.models.policy import apply_lora, build_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from grpo.trainer import ARGRPOTrainer
-    from models.layout import TokenLayout
-    from models.policy import apply_lora, build_policy
-    from models.text_tokenizer import build_text_tokenizer
 
     rss_imports = rss_mib()
     layout = TokenLayout(name="custom", text_vocab_size=cfg.text_vocab, visual_offset=cfg.text_vocab,
@@ -190,7 +188,7 @@ def run_variant(cfg: MemConfig, tuning: str, head: str, threads: int) -> dict:
     else:
         trainer = GRPOTrainer(**common)  # TRL's own fused full-vocabulary head
         if head == "full_logits":
-            from grpo.trainer import _hf_model
+            from argrpo.grpo.trainer import _hf_model
 
             install_full_logits_head(_hf_model(trainer.model), N, 1.0)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -58,17 +58,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from argrpo.rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.types import SamplingParams
     from torch.profiler import ProfilerActivity, profile
 
     from bench.rollout import CONFIGS, build, engine_flops
     from bench.scaling import matmul_peak_cpu
-    from rollout.engines.torch_engine import TorchEngine
-    from rollout.types import SamplingParams
 
     if args.tokens % 16:
         ap.error("--tokens must be a multiple of 16")
     if args.no_gqa_decode:
-        import rollout.engines.torch_engine as te
+        import argrpo.rollout.engines.torch_engine as te
 
         te._decode_attention.__enter__ = lambda self: None  # leave the config's "sdpa" in place
     cfg = replace(CONFIGS["full"], grid=(args.tokens // 16, 16), P=args.P, G=args.G, text_vocab=args.vocab)

@@ -58,8 +58,8 @@ CFG_SCALE = 3.0
 
 
 def build(cfg: BenchConfig, seed: int = 0):
-    from models.layout import TokenLayout
-    from models.policy import build_policy
+    from argrpo.models.layout import TokenLayout
+    from argrpo.models.policy import build_policy
 
     layout = TokenLayout(name="custom", text_vocab_size=cfg.text_vocab, visual_offset=cfg.text_vocab,
                          codebook_size=cfg.codebook, grid=cfg.grid, image_size=(cfg.grid[0] * 16, cfg.grid[1] * 16))
@@ -169,7 +169,7 @@ def matmul_peak(model, layout, rows, repeats=5, iters=10) -> float:
 def vllm_engine_or_reason(model, layout, rows):
     """(engine, startup seconds, None) or (None, None, why not)."""
     try:
-        from rollout.engines import get_engine
+        from argrpo.rollout.engines import get_engine
 
         cls = get_engine("vllm")
     except Exception as e:  # noqa: BLE001 - any import problem means "not available" here
@@ -211,8 +211,8 @@ def main(argv=None) -> int:
     print(f"[{name}] model {n_params / 1e6:.1f}M params, vocab {model.config.vocab_size}, {N} tokens/image, "
           f"{cfg.P} prompts x {cfg.G} = {B} images, {threads} threads", flush=True)
 
-    from rollout.engines.torch_engine import TorchEngine
-    from rollout.types import SamplingParams
+    from argrpo.rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.types import SamplingParams
 
     # the engine gets its own copy, as in a rollout worker (which owns the model it loaded): its CPU fast path
     # re-lays the linear weights (column_major_weights), which the baseline and vLLM's save must not see

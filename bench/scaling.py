@@ -40,7 +40,7 @@ def make_components(cfg, seed: int = 0, own_session: bool = False):
     worker gets its own CPU share (as on separate cores or nodes) instead of all workers sharing the Ray
     cluster's one share while other sessions keep the cores busy.
     """
-    from rollout.worker import PolicyComponents
+    from argrpo.rollout.worker import PolicyComponents
 
     if own_session:
         try:
@@ -85,10 +85,11 @@ def _timed(fn, repeats: int):
 
 
 def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int, own_session: bool = True) -> list[dict]:
+    from argrpo.rollout.cluster import init_ray
+    from argrpo.rollout.pool import RolloutConfig, RolloutPool
+    from argrpo.rollout.types import SamplingParams
+
     from bench.common import summarize
-    from rollout.cluster import init_ray
-    from rollout.pool import RolloutConfig, RolloutPool
-    from rollout.types import SamplingParams
 
     # Ray workers import bench.scaling to unpickle the model recipe
     root = str(Path(__file__).resolve().parents[1])
@@ -120,9 +121,10 @@ def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int, own_ses
 
 
 def scale_batch(cfg, batches: list[int], G: int, repeats: int) -> list[dict]:
+    from argrpo.rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.types import SamplingParams
+
     from bench.common import summarize
-    from rollout.engines.torch_engine import TorchEngine
-    from rollout.types import SamplingParams
 
     P_max = max(batches) // G
     layout, model, prompts, uncond = build(replace(cfg, P=P_max))

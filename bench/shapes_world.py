@@ -58,12 +58,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from data.shapes import TAGS, ShapesWorld, blur_and_noise, perturb_spec
-    from models.runtime import set_threads
-    from recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
-    from recipes.config import load_config
-    from rewards.detectors.shapes import ShapesDetector
-    from rewards.geneval import score_batch
+    from argrpo.data.shapes import TAGS, ShapesWorld, blur_and_noise, perturb_spec
+    from argrpo.models.runtime import set_threads
+    from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from argrpo.recipes.config import load_config
+    from argrpo.rewards.detectors.shapes import ShapesDetector
+    from argrpo.rewards.geneval import score_batch
 
     threads = set_threads(args.threads)
     per_tag = 20 if args.quick else 100

@@ -31,11 +31,11 @@ from pathlib import Path
 
 def prepare(root: Path) -> tuple[Path, Path]:
     """A 'tiny' random-weight shapes policy (patch-8 VQ: 64 codes an image) and a training prompt set."""
-    from data.shapes import ShapesWorld, write_prompt_sets
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
+    from argrpo.data.shapes import ShapesWorld, write_prompt_sets
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
 
     world = ShapesWorld()
     _, images, _ = world.sample("train", 64, seed=0)
@@ -178,10 +178,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from grpo.config import GRPORunConfig
-    from grpo.trainer import build_run
-    from recipes.config import load_config
-    from rollout.cluster import init_ray, shutdown_ray
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import build_run
+    from argrpo.recipes.config import load_config
+    from argrpo.rollout.cluster import init_ray, shutdown_ray
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-soak-"))
     work.mkdir(parents=True, exist_ok=True)

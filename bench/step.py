@@ -61,11 +61,11 @@ CONFIGS = {
 
 def prepare_policy(root: Path, size: str, patch: int, seed: int = 0) -> Path:
     """A random-weight shapes-world policy of ``size`` with a patch-``patch`` VQ tokenizer, saved under ``root``."""
-    from data.shapes import ShapesWorld
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
+    from argrpo.data.shapes import ShapesWorld
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
 
     path = root / f"policy-{size}-p{patch}"
     if (path / "argrpo.json").is_file():
@@ -82,9 +82,9 @@ def prepare_policy(root: Path, size: str, patch: int, seed: int = 0) -> Path:
 
 def run_mode(policy: Path, out: Path, mode: str, cfg: StepConfig, workers: int, extra: list[str]) -> dict:
     """Train ``cfg.steps`` steps in ``mode``; returns per-step metrics rows and the run summary."""
-    from grpo.config import GRPORunConfig
-    from grpo.trainer import train
-    from recipes.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import train
+    from argrpo.recipes.config import load_config
 
     sets = {
         "output_dir": str(out), "seed": 0, "threads": 1, "policy.checkpoint": str(policy),
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         return 0
     meta = json.loads((policy / "argrpo.json").read_text())["layout"]
     n_tokens = meta["grid"][0] * meta["grid"][1]
-    from models.policy import load_policy
+    from argrpo.models.policy import load_policy
 
     n_params = sum(p.numel() for p in load_policy(policy).model.parameters())
     loads = [os.getloadavg()[0]]
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     isolate = args.isolate and args.workers > 0
     if isolate:
-        from rollout.cluster import init_ray
+        from argrpo.rollout.cluster import init_ray
 
         ray = init_ray(num_cpus=max(2, len(os.sched_getaffinity(0))))
         address = ray.get_runtime_context().gcs_address

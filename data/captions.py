@@ -206,7 +206,7 @@ def partial_captions(spec: dict) -> list[str]:
     tying every image to one phrasing. Only statements implied by the spec are produced (a subset of the
     objects, a colour or the relation left out; never a wrong count).
     """
-    from data.shapes import NUMBER_WORDS, PLURALS
+    from argrpo.data.shapes import NUMBER_WORDS, PLURALS
 
     items = spec.get("include", [])
     out = ["a photo"]
@@ -235,7 +235,7 @@ def detailed_caption(spec: dict, record: dict, heldout_pairs=frozenset()) -> str
     Prompts leave most colours free; naming the colours the renderer chose gives colour-binding supervision on
     every image, not only on the colour-tagged ones. A (colour, class) pair in ``heldout_pairs`` stays unnamed.
     """
-    from data.shapes import prompt_for
+    from argrpo.data.shapes import prompt_for
 
     include = [dict(it) for it in spec["include"]]
     for it_index, it in enumerate(include):
@@ -248,15 +248,14 @@ def detailed_caption(spec: dict, record: dict, heldout_pairs=frozenset()) -> str
 
 def heldout_prompts(world) -> frozenset[str]:
     """Every prompt of the world's held-out split (no training caption may equal one)."""
-    from data.shapes import TAGS, spec_from_key
+    from argrpo.data.shapes import TAGS, spec_from_key
 
     return frozenset(spec_from_key(t, k)["prompt"] for t in TAGS for k in world.split_compositions("heldout", t))
 
 
 def _shapes_dataset(src: CaptionSource):
     import datasets
-
-    from data.shapes import ShapesWorld, render_seed
+    from argrpo.data.shapes import ShapesWorld, render_seed
 
     world = ShapesWorld(**src.shapes_world)
     n = src.shapes_n if src.limit is None else min(src.shapes_n, src.limit)
@@ -310,7 +309,7 @@ def load_images(batch: dict, image_size: tuple[int, int]) -> np.ndarray:
     if "image_path" in batch:
         return np.stack([_load_file_image(p, image_size) for p in batch["image_path"]])
     if "spec" in batch:
-        from data.shapes import ShapesWorld
+        from argrpo.data.shapes import ShapesWorld
 
         worlds: dict[str, ShapesWorld] = {}
         images = []
@@ -336,7 +335,7 @@ def source_fingerprint(ds) -> str:
             h.update(json.dumps(v).encode())
             h.update(b"\0")
     if "spec" in ds.column_names:
-        import data.shapes as shapes_module
+        import argrpo.data.shapes as shapes_module
 
         # A changed renderer draws different pixels for the same spec, so its source is part of the data.
         h.update(Path(shapes_module.__file__).read_bytes())

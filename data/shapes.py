@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 # GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged
-from rewards.geneval import relative_position
+from argrpo.rewards.geneval import relative_position
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -111,7 +111,7 @@ def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
 def record_detections(record: dict) -> list:
     """The renderer's record as perfect detections (score 1), to judge renders against specs with GenEval's rules
     (``rewards.geneval.score_image``)."""
-    from rewards.detectors.base import Detection
+    from argrpo.rewards.detectors.base import Detection
 
     return [Detection(o["class"], 1.0, tuple(o["box"]), o["color"]) for o in record["objects"]]
 
@@ -525,7 +525,7 @@ def write_prompt_sets(directory: str | Path, world: ShapesWorld | None = None, t
                       heldout_per_tag: int = 20, seed: int = 0) -> dict[str, Path]:
     """Write the default prompt sets as GenEval jsonl: ``train.jsonl`` and ``heldout.jsonl`` (held-out
     compositions only, every tag) -> {split: path}."""
-    from data.prompts import write_prompts
+    from argrpo.data.prompts import write_prompts
 
     world = world or ShapesWorld()
     directory = Path(directory)

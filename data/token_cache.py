@@ -19,8 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from data.captions import load_images, source_fingerprint
+from argrpo.data.captions import load_images, source_fingerprint
 
 CACHE_FORMAT = 1
 MARKER = "argrpo_cache.json"

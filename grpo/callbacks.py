@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from argrpo.grpo.stats import StepStats
 from transformers import TrainerCallback
-
-from grpo.stats import StepStats
 
 
 def _max_over_processes(value: float) -> float:
@@ -274,7 +273,7 @@ class Checkpointer(TrainerCallback):
         # data-parallel replicas hold the same weights and optimizer state: the main process writes them alone
         if not state.is_world_process_zero:
             return
-        from grpo.checkpointing import prune_checkpoints, save_checkpoint
+        from argrpo.grpo.checkpointing import prune_checkpoints, save_checkpoint
 
         t0 = time.perf_counter()
         kwargs = dict(self.save_kwargs)

@@ -83,8 +83,8 @@ def check_resumable(path: str | Path, config: dict, layout=None) -> None:
                              f"{new!r}; resuming would not continue the same data order. Set it back, or start a "
                              f"new output_dir")
     if layout is not None:
-        from models.layout import TokenLayout
-        from models.policy import ARGRPO_FILE, read_policy_meta
+        from argrpo.models.layout import TokenLayout
+        from argrpo.models.policy import ARGRPO_FILE, read_policy_meta
 
         meta = read_policy_meta(path)
         if meta is None:
@@ -99,7 +99,7 @@ def _dir_bytes(path: Path) -> int:
 def save_policy_files(path: str | Path, model, tokenizer, layout, image_tokenizer_path=None,
                       base_model_path=None, extra: dict | None = None) -> Path:
     """The policy in argrpo's format (full weights, or the LoRA adapter referencing its base checkpoint)."""
-    from models.policy import save_policy
+    from argrpo.models.policy import save_policy
 
     image_tokenizer, copy = None, True
     if image_tokenizer_path is not None:
@@ -112,7 +112,7 @@ def save_policy_files(path: str | Path, model, tokenizer, layout, image_tokenize
 def save_checkpoint(trainer, root: str | Path, *, tokenizer, layout, image_tokenizer_path=None,
                     base_model_path=None, run_state: dict | None = None) -> Path:
     """Write ``root/step-<global_step>`` atomically; returns its path."""
-    from models.checkpoint import atomic_dir
+    from argrpo.models.checkpoint import atomic_dir
 
     step = int(trainer.state.global_step)
     final = checkpoint_dir(root, step)
@@ -130,7 +130,7 @@ def save_checkpoint(trainer, root: str | Path, *, tokenizer, layout, image_token
 
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints (keep=0: delete none); returns the deleted paths."""
-    from models.checkpoint import recover_all, remove_dir
+    from argrpo.models.checkpoint import recover_all, remove_dir
 
     recover_all(root)  # temp dirs of a writer or a deletion that was killed
     if keep <= 0:

@@ -28,11 +28,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from grpo.evaluate import EvalSettings
-from models.policy import PolicyConfig
-from rewards.base import RewardSpec
-from rewards.pool import RewardPoolConfig
-from rollout.pool import RolloutConfig
+from argrpo.grpo.evaluate import EvalSettings
+from argrpo.models.policy import PolicyConfig
+from argrpo.rewards.base import RewardSpec
+from argrpo.rewards.pool import RewardPoolConfig
+from argrpo.rollout.pool import RolloutConfig
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from rollout.types import SamplingParams
+from argrpo.rollout.types import SamplingParams
 
 DEFAULT_SAMPLING = SamplingParams(n=4, seed=0, temperature=1.0, cfg_scale=1.0)
 
@@ -177,10 +176,10 @@ def summarize(samples: Sequence[dict]) -> tuple[float, float, dict[str, TagScore
 def load_prompt_set(source: str, per_tag: int = 20, seed: int = 0) -> tuple[list[dict], bool]:
     """'shapes:<split>' or a GenEval jsonl path -> (specs, is_file)."""
     if source.startswith("shapes:"):
-        from data.shapes import ShapesWorld
+        from argrpo.data.shapes import ShapesWorld
 
         return ShapesWorld().prompt_set(source.split(":", 1)[1], per_tag, seed), False
-    from data.prompts import read_prompts
+    from argrpo.data.prompts import read_prompts
 
     return read_prompts(source), True
 
@@ -201,7 +200,7 @@ def select_prompts(specs: list[dict], tags: Sequence[str] = (), per_tag_limit: i
 
 def _as_specs(prompts) -> list[dict]:
     if isinstance(prompts, (str, Path)):
-        from data.prompts import read_prompts
+        from argrpo.data.prompts import read_prompts
 
         return read_prompts(prompts)
     out = []
@@ -216,7 +215,7 @@ def _as_specs(prompts) -> list[dict]:
 
 
 def _settings(cfg, overrides: dict) -> EvalSettings:
-    from recipes.config import from_dict, to_dict
+    from argrpo.recipes.config import from_dict, to_dict
 
     if cfg is None:
         return from_dict(EvalSettings, overrides, source="evaluate()")
@@ -282,12 +281,11 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
         engine: a RolloutEngine to sample with (e.g. a vLLM engine already holding the weights); default a
             ``TorchEngine`` around ``policy.model``.
     """
+    from argrpo.models.runtime import resolve_device
+    from argrpo.rewards.geneval import GenEvalReward
+    from argrpo.rollout.engines.base import encode_prompts
+    from argrpo.rollout.engines.torch_engine import TorchEngine
     from tqdm.auto import tqdm
-
-    from models.runtime import resolve_device
-    from rewards.geneval import GenEvalReward
-    from rollout.engines.base import encode_prompts
-    from rollout.engines.torch_engine import TorchEngine
 
     cfg = _settings(cfg, overrides)
     specs = _as_specs(prompts)
@@ -295,7 +293,7 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
     if len(indices) != len(specs):
         raise ValueError(f"{len(indices)} indices for {len(specs)} prompts")
     if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
-        from models.image_tokenizers import load_image_tokenizer
+        from argrpo.models.image_tokenizers import load_image_tokenizer
 
         path = image_tokenizer or getattr(policy, "image_tokenizer_path", None)
         if path is None:

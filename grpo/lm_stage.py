@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from data.captions import CaptionSource
-from models.policy import ARGRPO_FILE, PolicyConfig
+from argrpo.data.captions import CaptionSource
+from argrpo.models.policy import ARGRPO_FILE, PolicyConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -130,7 +129,7 @@ class LMStageConfig:
             raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight}")
         if self.policy.checkpoint is None and self.image_tokenizer is None:
             raise ValueError("a new policy needs image_tokenizer (the directory `argrpo tokenizer train` wrote)")
-        from models.visual_head import check_name
+        from argrpo.models.visual_head import check_name
 
         check_name(self.visual_head)
         if self.visual_head != "free" and self.policy.lora.enabled:
@@ -156,7 +155,7 @@ class SFTConfig(LMStageConfig):
 # ---- data ------------------------------------------------------------------------------------------------------
 def encode_captions(tokenizer, layout, captions: list[str]) -> list[list[int]]:
     """Captions -> prompt ids exactly as the rollout engines build them."""
-    from rollout.engines.base import encode_prompts
+    from argrpo.rollout.engines.base import encode_prompts
 
     return encode_prompts(tokenizer, layout, captions)
 
@@ -349,9 +348,8 @@ def _trainer_class():
             into the temp dir, which ``atomic_dir`` renames to ``checkpoint-N``; old checkpoints beyond
             ``save_total_limit`` are renamed away before they are deleted.
             """
+            from argrpo.models.checkpoint import atomic_dir, recover_all, remove_dir
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            from models.checkpoint import atomic_dir, recover_all, remove_dir
 
             run_dir = Path(super()._get_output_dir(trial))
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -372,7 +370,7 @@ def _trainer_class():
                     remove_dir(old)
 
         def _save(self, output_dir=None, state_dict=None):
-            from models.policy import save_policy
+            from argrpo.models.policy import save_policy
 
             save_policy(
                 output_dir or self.args.output_dir, self.model, self.processing_class, self.layout,
@@ -425,7 +423,7 @@ def _publish(output_dir: Path, model, tokenizer, layout, image_tokenizer_ref, co
     The policy is written atomically next to it, then moved in entry by entry with argrpo.json last (and the old
     one removed first), so the directory only ever looks like a complete policy when it is one.
     """
-    from models.policy import save_policy
+    from argrpo.models.policy import save_policy
 
     staging = output_dir.parent / f".{output_dir.name}.final-{os.getpid()}"
     save_policy(staging, model, tokenizer, layout, image_tokenizer=image_tokenizer_ref,
@@ -457,12 +455,12 @@ def _words(captions) -> list[str]:
 
 def build_text_tokenizer_for(cfg: LMStageConfig, captions, special_tokens) -> object:
     """The text tokenizer of a new policy: a given directory, or a word-level one over the data's vocabulary."""
-    from models.text_tokenizer import build_text_tokenizer, load_text_tokenizer
+    from argrpo.models.text_tokenizer import build_text_tokenizer, load_text_tokenizer
 
     if cfg.text_tokenizer:
         return load_text_tokenizer(cfg.text_tokenizer)
     if cfg.data.kind == "shapes":
-        from data.shapes import ShapesWorld
+        from argrpo.data.shapes import ShapesWorld
 
         words = ShapesWorld(**cfg.data.shapes_world).vocabulary()
     else:
@@ -472,10 +470,10 @@ def build_text_tokenizer_for(cfg: LMStageConfig, captions, special_tokens) -> ob
 
 def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     """(model, text tokenizer, layout, image tokenizer, image tokenizer dir) for a stage."""
-    from models.image_tokenizers import load_image_tokenizer
-    from models.layout import layout_preset
-    from models.policy import policy_from_config
-    from models.visual_init import init_visual_rows
+    from argrpo.models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.layout import layout_preset
+    from argrpo.models.policy import policy_from_config
+    from argrpo.models.visual_init import init_visual_rows
 
     if cfg.policy.checkpoint is not None:
         model, loaded = policy_from_config(cfg.policy, device=device)
@@ -512,12 +510,11 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     ``prepared``: optional ``(model, tokenizer, layout, image_tokenizer, image_tokenizer_dir)`` to train instead of
     building them from the config (library use and tests). ``callbacks``: extra ``TrainerCallback``s.
     """
+    from argrpo.data.captions import load_caption_dataset
+    from argrpo.data.token_cache import build_token_cache
+    from argrpo.models.runtime import resolve_device, seed_everything, set_threads
+    from argrpo.models.visual_head import visual_head_callbacks
     from transformers import TrainingArguments
-
-    from data.captions import load_caption_dataset
-    from data.token_cache import build_token_cache
-    from models.runtime import resolve_device, seed_everything, set_threads
-    from models.visual_head import visual_head_callbacks
 
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -573,9 +570,8 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     if resume is not None and _finished(resume, t.max_steps):
         # Nothing left to train. Trainer would still take one step past max_steps from a checkpoint that already
         # has them all (its stop check runs after a step), so the checkpoint's weights are taken as they are.
+        from argrpo.models.policy import load_policy
         from transformers import TrainerState
-
-        from models.policy import load_policy
 
         trainer.model.load_state_dict(load_policy(resume, device=str(device)).model.state_dict())
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from argrpo.models.layout import TokenLayout
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
-
-from models.layout import TokenLayout
 
 # Rows per chunk are chosen so one chunk's float32 logits hold about this many elements (64 MB).
 CHUNK_ELEMENTS = 1 << 24

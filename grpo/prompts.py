@@ -28,7 +28,7 @@ def load_prompts(source: str, shapes_per_tag: int = 200, shapes_seed: int = 0) -
     from pathlib import Path
 
     if source.startswith("shapes:"):
-        from data.shapes import ShapesWorld
+        from argrpo.data.shapes import ShapesWorld
 
         return ShapesWorld().prompt_set(source.split(":", 1)[1], shapes_per_tag, shapes_seed)
     path = Path(source)
@@ -38,7 +38,7 @@ def load_prompts(source: str, shapes_per_tag: int = 200, shapes_seed: int = 0) -
     if path.suffix == ".txt":
         rows = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
     else:
-        from data.prompts import validate_spec
+        from argrpo.data.prompts import validate_spec
 
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():

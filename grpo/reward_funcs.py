@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 
-from grpo.stats import StepStats
+from argrpo.grpo.stats import StepStats
 
 
 class TrackedReward:
     """Wraps one reward; TRL names its metrics ``rewards/<__name__>/mean|std``."""
 
     def __init__(self, reward, stats: StepStats, name: str | None = None, normalize: str | None = None):
-        from rewards.base import RewardCombiner
+        from argrpo.rewards.base import RewardCombiner
 
         self.reward = reward
         self.stats = stats
@@ -69,7 +69,7 @@ class _PooledScores:
         import os
         import sys
 
-        from rewards.pool import RewardPool
+        from argrpo.rewards.pool import RewardPool
 
         # plugin rewards ('module:function') are imported inside the actors: give them the driver's import path
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
@@ -98,7 +98,7 @@ class PooledReward:
         out = self.shared.component(self.key, prompts, kwargs)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric):
-            from rewards.base import log_extras
+            from argrpo.rewards.base import log_extras
 
             log_extras(out, self.key, log_metric)
         return out
@@ -120,11 +120,11 @@ def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_confi
 
     actors: score on Ray reward actors (rewards.pool.RewardPool), every reward of a batch concurrently.
     """
-    from rewards.base import build_reward
+    from argrpo.rewards.base import build_reward
 
     funcs, weights = [], []
     if actors:
-        from rollout.cluster import init_ray
+        from argrpo.rollout.cluster import init_ray
 
         init_ray()
         shared = _PooledScores(specs, pool_config)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import time
 
-from grpo.prompts import generation_prompts
-from grpo.stats import StepStats
-from grpo.weight_sync import WeightSync
-from rollout.pool import RolloutFuture
-from rollout.types import Rollout, SamplingParams
+from argrpo.grpo.prompts import generation_prompts
+from argrpo.grpo.stats import StepStats
+from argrpo.grpo.weight_sync import WeightSync
+from argrpo.rollout.pool import RolloutFuture
+from argrpo.rollout.types import Rollout, SamplingParams
 
 # Sample r of generation k uses seed base + k * SEED_STRIDE + r: generations never share a seed.
 SEED_STRIDE = 1 << 20

@@ -38,11 +38,10 @@ import time
 from pathlib import Path
 
 import torch
+from argrpo.grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
+from argrpo.grpo.logprobs import install_visual_head
+from argrpo.grpo.stats import StepStats
 from trl import GRPOConfig, GRPOTrainer
-
-from grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
-from grpo.logprobs import install_visual_head
-from grpo.stats import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +214,9 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
     eval_fn: optional ``fn(trainer, step) -> {name: value}``; default: grpo.evaluate when eval.every > 0.
     """
-    from grpo.prompts import load_prompts, prompt_stream, weight_by_tag
-    from grpo.reward_funcs import build_reward_funcs
-    from models.runtime import resolve_device, set_threads
+    from argrpo.grpo.prompts import load_prompts, prompt_stream, weight_by_tag
+    from argrpo.grpo.reward_funcs import build_reward_funcs
+    from argrpo.models.runtime import resolve_device, set_threads
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -257,7 +256,7 @@ def _is_main_process() -> bool:
 def _check_shared_ray(cfg: GRPORunConfig) -> None:
     """Several learner processes each own their rollout pool and reward actors (see ``train``). On Ray those must
     live in one shared cluster joined by address; a local Ray started by each process would overbook the machine."""
-    from grpo.config import learner_processes
+    from argrpo.grpo.config import learner_processes
 
     n = learner_processes()
     if n == 1 or not (cfg.rollout.num_workers > 0 or cfg.reward_actors):
@@ -295,13 +294,12 @@ def _close_all(reward_funcs, pools) -> None:
 
 def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weights, pools: list) -> GRPORun:
     """The part of build_run that loads the policy and starts workers (appended to ``pools`` as they start)."""
+    from argrpo.grpo import callbacks as cb
+    from argrpo.grpo.rollouts import RolloutSource
+    from argrpo.grpo.weight_sync import WeightSync, worker_policy
+    from argrpo.models.policy import is_peft_model, policy_from_config
+    from argrpo.rollout.pool import build_rollout_pool
     from transformers.integrations import TensorBoardCallback
-
-    from grpo import callbacks as cb
-    from grpo.rollouts import RolloutSource
-    from grpo.weight_sync import WeightSync, worker_policy
-    from models.policy import is_peft_model, policy_from_config
-    from rollout.pool import build_rollout_pool
 
     # policy: a fresh LoRA adapter goes to TRL as a peft_config, so TRL's reference is the adapter-disabled model
     model, loaded = policy_from_config(cfg.policy, device=str(device))
@@ -313,11 +311,11 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     layout, tokenizer = loaded.layout, loaded.tokenizer
     base_model_path = str(loaded.path) if fresh_lora else None
     if is_peft_model(model):  # a LoRA checkpoint: its base is recorded in its argrpo.json
-        from models.policy import read_policy_meta
+        from argrpo.models.policy import read_policy_meta
 
         base_model_path = (read_policy_meta(loaded.path) or {}).get("base_model")
     if loaded.image_tokenizer_path is not None:
-        from models.image_tokenizers import load_image_tokenizer
+        from argrpo.models.image_tokenizers import load_image_tokenizer
 
         # the rollout workers decode with it: a codebook or grid that differs would fail (or scramble) every image
         layout.check_image_tokenizer(load_image_tokenizer(loaded.image_tokenizer_path),
@@ -370,7 +368,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     run = GRPORun(cfg, trainer, pool, source, sync, stats, layout, tokenizer, loaded.image_tokenizer_path,
                   base_model_path, callbacks)
     if cfg.checkpoint.every:
-        from recipes.config import to_dict
+        from argrpo.recipes.config import to_dict
 
         callbacks["checkpoints"] = cb.Checkpointer(
             trainer, out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, stats,
@@ -400,8 +398,8 @@ def _default_eval_fn(cfg: GRPORunConfig, run: GRPORun):
     """Held-out GenEval-style score of the learner's current weights (grpo.evaluate), as {score, score_se, <tag>}."""
     from types import SimpleNamespace
 
-    from grpo import evaluate as ev
-    from models.image_tokenizers import load_image_tokenizer
+    from argrpo.grpo import evaluate as ev
+    from argrpo.models.image_tokenizers import load_image_tokenizer
 
     e = cfg.eval
     specs, _ = ev.load_prompt_set(e.prompts or cfg.data.eval_prompts, e.shapes_per_tag, e.shapes_seed)
@@ -426,8 +424,8 @@ def _finished_from_checkpoint(cfg: GRPORunConfig, ckpt: Path) -> dict:
     max_steps, transformers would train one step more), the final policy is written from the checkpoint."""
     import json
 
-    from grpo.checkpointing import save_policy_files
-    from models.policy import load_policy, read_policy_meta
+    from argrpo.grpo.checkpointing import save_policy_files
+    from argrpo.models.policy import load_policy, read_policy_meta
 
     out = Path(cfg.output_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -450,7 +448,12 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
     resume: continue from the newest checkpoint in ``output_dir/checkpoints`` (same step, data position,
     optimizer, scheduler and RNG); without one, start from the beginning.
     """
-    from grpo.checkpointing import check_resumable, latest_checkpoint, read_run_state, save_policy_files
+    from argrpo.grpo.checkpointing import (
+        check_resumable,
+        latest_checkpoint,
+        read_run_state,
+        save_policy_files,
+    )
 
     out = Path(cfg.output_dir)
     ckpt = None
@@ -459,9 +462,9 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
         if ckpt is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
         else:  # before anything is built or started: a checkpoint of another run is refused by name
-            from models.layout import TokenLayout
-            from models.policy import read_policy_meta
-            from recipes.config import to_dict
+            from argrpo.models.layout import TokenLayout
+            from argrpo.models.policy import read_policy_meta
+            from argrpo.recipes.config import to_dict
 
             meta = read_policy_meta(cfg.policy.checkpoint) if cfg.policy.checkpoint else None
             layout = TokenLayout.from_dict(meta["layout"]) if meta else None

@@ -100,14 +100,14 @@ class WorkerPolicy:
     device: str = "cpu"
 
     def __call__(self):
-        from models.image_tokenizers import load_image_tokenizer
-        from models.policy import load_policy
-        from rollout.worker import PolicyComponents
+        from argrpo.models.image_tokenizers import load_image_tokenizer
+        from argrpo.models.policy import load_policy
+        from argrpo.rollout.worker import PolicyComponents
 
         loaded = load_policy(self.checkpoint, layout=self.layout, device=self.device, dtype=self.dtype)
         model = loaded.model
         if self.lora is not None:
-            from models.policy import apply_lora
+            from argrpo.models.policy import apply_lora
 
             model = apply_lora(model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
                                target_modules=self.lora.target_modules)
@@ -121,8 +121,8 @@ class WorkerPolicy:
 def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=None, dtype: str | None = None):
     """The ``policy`` argument of the rollout pool: engines that read a checkpoint directory themselves (vLLM)
     get its path; the others a :class:`WorkerPolicy`."""
-    from rollout.engines import get_engine
-    from rollout.worker import _loads_checkpoint
+    from argrpo.rollout.engines import get_engine
+    from argrpo.rollout.worker import _loads_checkpoint
 
     if _loads_checkpoint(get_engine(engine)):
         return str(checkpoint)

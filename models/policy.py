@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-
-from models.checkpoint import atomic_dir, copy_tree
-from models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
+from argrpo.models.checkpoint import atomic_dir, copy_tree
+from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
 
 ARGRPO_FILE = "argrpo.json"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
@@ -379,7 +378,7 @@ def _check_expected(path: Path, saved: TokenLayout, expected: TokenLayout | str 
 
 
 def _load_tokenizer(path: Path):
-    from models.text_tokenizer import load_text_tokenizer
+    from argrpo.models.text_tokenizer import load_text_tokenizer
 
     return load_text_tokenizer(path)
 
@@ -582,7 +581,7 @@ class PolicyConfig:
     def __post_init__(self):
         if self.checkpoint is None and self.size not in SIZE_PRESETS:
             raise ValueError(f"size: unknown preset {self.size!r}; known: {sorted(SIZE_PRESETS)}")
-        from models.visual_init import check_name
+        from argrpo.models.visual_init import check_name
 
         check_name(self.visual_init)
         _resolve_dtype(self.dtype)

@@ -116,6 +116,6 @@ def load_text_tokenizer(path: str | Path):
 
 def simplear_test_tokenizer(words: Iterable[str] = ("a", "photo", "of", "cat", "dog", "red", "blue")):
     """A tiny stand-in for SimpleAR's tokenizer: a few words, a pad token, and SimpleAR's 7 special tokens last."""
-    from models.layout import SIMPLEAR_SPECIAL_TOKENS
+    from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS
 
     return build_text_tokenizer(words, special_tokens=SIMPLEAR_SPECIAL_TOKENS, pad_token="<|endoftext|>")

@@ -1,7 +1,7 @@
 """How a new policy's visual rows (input embeddings and LM-head rows of the codebook) start.
 
 A model trained from scratch otherwise starts every visual code as an unrelated random vector, and must discover
-from data that, say, the 18 codes painting a red patch share "red". Image tokenizers know that structure: a VQ
+from argrpo.data that, say, the 18 codes painting a red patch share "red". Image tokenizers know that structure: a VQ
 codebook has a vector per code, an FSQ code is a point on a grid of levels, and the shapes world's factorised VQ is
 literally (mask, colour). ``codebook`` init projects the tokenizer's per-code features through one random matrix,
 so codes that share a feature start with shared components. With additive features (one-hot factors, FSQ digits)

@@ -4,7 +4,7 @@ Importing this package is light; the built-in rewards (``clip``, ``hps``, ``pick
 ``geneval``, ``geneval_dense``) are registered when first looked up by :func:`build_reward`.
 """
 
-from rewards.base import (
+from argrpo.rewards.base import (
     REWARDS,
     CompositeReward,
     FunctionReward,

@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from rewards.base import Reward, RewardOutput, register_reward
-from rewards.clip import OpenClip, load_state_dict_file
+from argrpo.rewards.base import Reward, RewardOutput, register_reward
+from argrpo.rewards.clip import OpenClip, load_state_dict_file
 
 
 def aesthetic_head(embed_dim: int = 768):

@@ -280,7 +280,7 @@ class FunctionReward(Reward):
 REWARDS: dict[str, Callable[..., Any]] = {}
 
 # Modules whose import registers the built-in rewards; imported on first lookup so `import rewards` stays light.
-_BUILTIN_MODULES = ("rewards.clip", "rewards.preference", "rewards.aesthetic", "rewards.geneval")
+_BUILTIN_MODULES = ("argrpo.rewards.clip", "argrpo.rewards.preference", "argrpo.rewards.aesthetic", "argrpo.rewards.geneval")
 
 
 def register_reward(name: str):

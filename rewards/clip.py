@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from rewards.base import Reward, register_reward, to_pil
+from argrpo.rewards.base import Reward, register_reward, to_pil
 
 _CFG_DIR: str | None = None
 _CFG_LOCK = threading.Lock()
@@ -96,7 +95,7 @@ class _quiet_random_init:
 
 
 def _device(device: str):
-    from models.runtime import resolve_device
+    from argrpo.models.runtime import resolve_device
 
     return resolve_device(device)
 
@@ -180,7 +179,7 @@ class ClipScore(Reward):
         self.clip = OpenClip(model, pretrained, model_cfg, device, dtype, batch_size)
 
     def score(self, prompts, images, **metadata):
-        from rewards.base import RewardOutput
+        from argrpo.rewards.base import RewardOutput
 
         img = self.clip.image_features(images)  # [B, D]
         txt = self.clip.text_features([self.prompt_template.format(p) for p in prompts])  # [B, D]

@@ -11,8 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from rewards.geneval import COLORS
+from argrpo.rewards.geneval import COLORS
 
 GENEVAL_TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")
 
@@ -28,7 +27,7 @@ class ColorClassifier:
                  device: str = "auto", dtype: Any = "float32", batch_size: int = 16,
                  templates: Sequence[str] = GENEVAL_TEMPLATES, colors: Sequence[str] = COLORS, clip: Any = None):
         if clip is None:
-            from rewards.clip import OpenClip
+            from argrpo.rewards.clip import OpenClip
 
             clip = OpenClip(model, pretrained, model_cfg, device, dtype, batch_size)
         self.clip = clip

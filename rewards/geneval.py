@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from rewards.base import Reward, RewardError, RewardOutput, import_object, register_reward
-from rewards.detectors.base import DETECTORS, Detection
+from argrpo.rewards.base import Reward, RewardError, RewardOutput, import_object, register_reward
+from argrpo.rewards.detectors.base import DETECTORS, Detection
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -282,7 +281,7 @@ def build_detector(spec: str | Callable, **kwargs: Any):
         import importlib
 
         try:
-            importlib.import_module(f"rewards.detectors.{spec}")
+            importlib.import_module(f"argrpo.rewards.detectors.{spec}")
         except ImportError:
             pass
     if spec not in DETECTORS:
@@ -314,7 +313,7 @@ class GenEvalReward(Reward):
     def color_fn(self) -> ColorFn:
         """The crop colour classifier, built on first need (only colour clauses on colourless boxes need it)."""
         if self._color_fn is None:
-            from rewards.colors import ColorClassifier
+            from argrpo.rewards.colors import ColorClassifier
 
             kwargs = self._color_spec if isinstance(self._color_spec, Mapping) else {}
             self._color_fn = ColorClassifier(**kwargs)

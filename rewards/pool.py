@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from rewards.base import (
+from argrpo.rewards.base import (
     Normalize,
     Reward,
     RewardCombiner,
@@ -37,7 +36,7 @@ from rewards.base import (
     check_output,
     describe_batch,
 )
-from rollout.cluster import (
+from argrpo.rollout.cluster import (
     check_cluster_offers,
     scheduling_options,
     validate_custom_resources,
@@ -98,7 +97,7 @@ class RewardActor:
     def __init__(self, key: str, spec: RewardSpec | None, fn: Any, threads: int):
         import sys
 
-        from rewards.base import build_reward
+        from argrpo.rewards.base import build_reward
 
         self.key = key
         if spec is not None:

@@ -9,8 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from rewards.base import Reward, RewardOutput, register_reward, to_pil
-from rewards.clip import OpenClip, _device, resolve_dtype
+from argrpo.rewards.base import Reward, RewardOutput, register_reward, to_pil
+from argrpo.rewards.clip import OpenClip, _device, resolve_dtype
 
 
 @register_reward("hps")

@@ -1,13 +1,19 @@
 """Rollouts: sampling settings, visual-token sampling, engines, workers and pools.
 
-    from rollout import RolloutConfig, build_rollout_pool, SamplingParams
+    from argrpo.rollout import RolloutConfig, build_rollout_pool, SamplingParams
     pool = build_rollout_pool("runs/sft/final", RolloutConfig(num_workers=2))
     batch = pool.generate(captions, G=8, sampling=SamplingParams(temperature=1.0))   # Rollout, P*G rows
 """
 
-from rollout.pool import LocalRolloutPool, RolloutConfig, RolloutFuture, RolloutPool, build_rollout_pool
-from rollout.types import Rollout, SamplingParams
-from rollout.worker import PolicyComponents, RolloutWorker
+from argrpo.rollout.pool import (
+    LocalRolloutPool,
+    RolloutConfig,
+    RolloutFuture,
+    RolloutPool,
+    build_rollout_pool,
+)
+from argrpo.rollout.types import Rollout, SamplingParams
+from argrpo.rollout.worker import PolicyComponents, RolloutWorker
 
 __all__ = [
     "LocalRolloutPool",

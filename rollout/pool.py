@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-
-from rollout.cluster import (
+from argrpo.rollout.cluster import (
     check_cluster_offers,
     scheduling_options,
     validate_custom_resources,
     validate_placement,
 )
-from rollout.sampling import resolve_seed
-from rollout.types import Rollout, SamplingParams
-from rollout.worker import RolloutWorker
+from argrpo.rollout.sampling import resolve_seed
+from argrpo.rollout.types import Rollout, SamplingParams
+from argrpo.rollout.worker import RolloutWorker
 
 
 @dataclass
@@ -133,7 +132,7 @@ class RolloutPool:
         import ray
 
         if not ray.is_initialized():
-            from rollout.cluster import init_ray
+            from argrpo.rollout.cluster import init_ray
 
             init_ray()
         self.config = config = config or RolloutConfig()

@@ -34,8 +34,7 @@ from __future__ import annotations
 import os
 
 import torch
-
-from rollout.types import SamplingParams
+from argrpo.rollout.types import SamplingParams
 
 
 # ---- the distribution ------------------------------------------------------------------------------------------

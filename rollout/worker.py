@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from models.layout import TokenLayout
-from rollout.engines import encode_prompts, get_engine
-from rollout.types import Rollout, SamplingParams
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout.engines import encode_prompts, get_engine
+from argrpo.rollout.types import Rollout, SamplingParams
 
 
 @dataclass
@@ -47,16 +46,16 @@ def load_components(
 
     ``with_model=False`` reads only the layout, text tokenizer and image tokenizer (model=None).
     """
-    from models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.image_tokenizers import load_image_tokenizer
 
     if with_model:
-        from models.policy import load_policy
+        from argrpo.models.policy import load_policy
 
         loaded = load_policy(checkpoint, device=device, dtype=dtype)
         model, layout, tokenizer, tok_path = loaded.model, loaded.layout, loaded.tokenizer, loaded.image_tokenizer_path
     else:
-        from models.policy import read_policy_meta
-        from models.text_tokenizer import load_text_tokenizer
+        from argrpo.models.policy import read_policy_meta
+        from argrpo.models.text_tokenizer import load_text_tokenizer
 
         meta = read_policy_meta(checkpoint)
         if meta is None:
@@ -105,7 +104,7 @@ class RolloutWorker:
         dtype: str | None = None,
     ):
         if num_threads is not None:
-            from models.runtime import set_threads
+            from argrpo.models.runtime import set_threads
 
             set_threads(num_threads)
         engine_cls = get_engine(engine)

@@ -32,7 +32,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster on CPU, shared by the tests that need one."""
-    from rollout.cluster import init_ray, shutdown_ray
+    from argrpo.rollout.cluster import init_ray, shutdown_ray
 
     init_ray(num_cpus=4)
     yield
@@ -42,8 +42,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def vq_dir(tmp_path_factory):
     """The shapes world's factorised VQ tokenizer, fitted on 200 training renders (tests only read it)."""
-    from data.shapes import ShapesWorld
-    from models.image_tokenizers.vq import VQTokenizer
+    from argrpo.data.shapes import ShapesWorld
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
 
     _, images, _ = ShapesWorld().sample("train", 200, seed=7)
     path = tmp_path_factory.mktemp("vq")

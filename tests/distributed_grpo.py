@@ -43,9 +43,9 @@ class Recorder:
 
 
 def main(world_json: str, out_dir: str) -> None:
-    import grpo.trainer as gt
-    from grpo.config import GRPORunConfig
-    from recipes.config import load_config
+    import argrpo.grpo.trainer as gt
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.recipes.config import load_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from grpo_fixtures import run_overrides

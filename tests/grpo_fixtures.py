@@ -28,11 +28,11 @@ PLUGIN_SOURCE = textwrap.dedent('''
 
 def build_world(root: Path) -> dict:
     """Writes ``policy/`` (tiny Qwen2 + VQ image tokenizer), ``prompts/{train,heldout}.jsonl`` and a plugin module."""
-    from data.shapes import ShapesWorld, write_prompt_sets
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
+    from argrpo.data.shapes import ShapesWorld, write_prompt_sets
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
 
     root = Path(root)
     world = ShapesWorld()

@@ -45,23 +45,23 @@ class Stage:
     def __init__(self, spec: dict, out: Path):
         self.name, self.out = spec["stage"], out
         if self.name == "grpo":
-            from grpo.config import GRPORunConfig as cls
+            from argrpo.grpo.config import GRPORunConfig as cls
 
             self.ckroot, self.prefix = out / "checkpoints", "step-"
         else:
-            from grpo.lm_stage import PretrainConfig as cls
+            from argrpo.grpo.lm_stage import PretrainConfig as cls
 
             self.ckroot, self.prefix = out, "checkpoint-"
-        from recipes.config import load_config
+        from argrpo.recipes.config import load_config
 
         self.cfg = load_config(cls, None, spec["overrides"] + [f"output_dir={out}"])
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         if self.name == "grpo":
-            from grpo.checkpointing import list_checkpoints
+            from argrpo.grpo.checkpointing import list_checkpoints
 
             return list_checkpoints(self.ckroot)
-        from grpo.lm_stage import complete_checkpoints
+        from argrpo.grpo.lm_stage import complete_checkpoints
 
         return [(int(p.name.rsplit("-", 1)[1]), p) for p in complete_checkpoints(self.ckroot)]
 
@@ -92,7 +92,7 @@ class Stage:
                     f.write(f"{state.global_step}\n")
 
         if self.name == "grpo":
-            import grpo.trainer as gt
+            import argrpo.grpo.trainer as gt
 
             build = gt.build_run
 
@@ -104,16 +104,16 @@ class Stage:
             gt.build_run = build_with_progress
             gt.train(self.cfg, resume=True)
         else:
-            from grpo.lm_stage import run_lm_stage
+            from argrpo.grpo.lm_stage import run_lm_stage
 
             run_lm_stage(self.cfg, callbacks=[Progress()])
 
     def install_hooks(self, kind: str, markers: Path, min_step: int) -> None:
         """Hooks that park the child inside a checkpoint write or an old checkpoint's deletion."""
-        import models.checkpoint as mc
+        import argrpo.models.checkpoint as mc
 
         if kind == "during_write" and self.name == "grpo":
-            import grpo.checkpointing as ck
+            import argrpo.grpo.checkpointing as ck
 
             real = ck.save_policy_files
 
@@ -156,9 +156,8 @@ class Stage:
     def inspect(self) -> dict:
         """Every entry of the checkpoint directory, and a full load of each directory that counts as one."""
         import torch
+        from argrpo.models.policy import load_policy
         from transformers.trainer_pt_utils import safe_globals
-
-        from models.policy import load_policy
 
         entries = sorted(p.name for p in self.ckroot.iterdir() if self.prefix in p.name) \
             if self.ckroot.is_dir() else []
@@ -168,7 +167,7 @@ class Stage:
             state = json.loads((path / "trainer_state.json").read_text())
             assert state["global_step"] == step, (path, state["global_step"])
             if self.name == "grpo":
-                from grpo.checkpointing import read_run_state
+                from argrpo.grpo.checkpointing import read_run_state
 
                 assert read_run_state(path)["step"] == step, path
             opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -232,8 +231,8 @@ def main(spec_path: str, report_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     for p in spec.get("sys_path", []):
         sys.path.insert(0, p)
-    import grpo.lm_stage  # noqa: F401  (imported once here, shared by every forked run)
-    import grpo.trainer  # noqa: F401
+    import argrpo.grpo.lm_stage  # noqa: F401  (imported once here, shared by every forked run)
+    import argrpo.grpo.trainer  # noqa: F401
 
     rng = random.Random(spec["seed"])
     stage = Stage(spec, Path(spec["output_dir"]))

@@ -26,13 +26,12 @@ def main(workdir: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import ray
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import build_run
+    from argrpo.recipes.config import load_config
+    from argrpo.rollout.cluster import init_ray
     from grpo_fixtures import build_world, run_overrides
     from ray.cluster_utils import Cluster
-
-    from grpo.config import GRPORunConfig
-    from grpo.trainer import build_run
-    from recipes.config import load_config
-    from rollout.cluster import init_ray
 
     t0 = time.perf_counter()
     root = Path(workdir)

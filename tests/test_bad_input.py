@@ -14,13 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import train
+from argrpo.recipes.cli import main as argrpo
+from argrpo.recipes.config import load_config
+from argrpo.rewards.base import RewardError
 from grpo_fixtures import run_overrides, shared_world
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import train
-from recipes.cli import main as argrpo
-from recipes.config import load_config
-from rewards.base import RewardError
 
 BAD_REWARDS = textwrap.dedent('''
     """Rewards that break the reward contract in the ways a user's plugin can."""
@@ -229,7 +228,7 @@ def test_checkpoint_weights_truncated(world, plugins, tmp_path):
 def test_resume_from_a_checkpoint_of_a_different_codebook_size(world, plugins, tmp_path):
     """--resume finds a checkpoint of another policy (another image tokenizer's codebook) in output_dir: refused
     by name before any weight is loaded, and the checkpoint is left untouched."""
-    from models.layout import TokenLayout
+    from argrpo.models.layout import TokenLayout
 
     out = tmp_path / "out"
     train(cfg_of(world, out, **{"grpo.max_steps": 1, "checkpoint.every": 1}))
@@ -257,8 +256,8 @@ def test_resume_with_a_different_batch_shape(world, plugins, tmp_path):
 
 
 def test_image_tokenizer_grid_does_not_match_layout(world, plugins, tmp_path):
-    from models.image_tokenizers import load_image_tokenizer
-    from models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
 
     ckpt = _copy_policy(world, tmp_path / "policy")
     vq = load_image_tokenizer(ckpt / "image_tokenizer")
@@ -271,10 +270,10 @@ def test_image_tokenizer_grid_does_not_match_layout(world, plugins, tmp_path):
 
 def test_rollout_worker_with_an_image_tokenizer_of_another_codebook(world):
     """The same check where every rollout path meets the tokenizer (argrpo sample, eval, Ray workers)."""
-    from models.image_tokenizers import load_image_tokenizer
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.policy import load_policy
-    from rollout.worker import PolicyComponents, RolloutWorker
+    from argrpo.models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.policy import load_policy
+    from argrpo.rollout.worker import PolicyComponents, RolloutWorker
 
     loaded = load_policy(world["policy"])
     vq = load_image_tokenizer(world["policy"] / "image_tokenizer")
@@ -296,7 +295,7 @@ def test_ray_address_that_does_not_answer(world, tmp_path):
     out = tmp_path / "out"
     path = tmp_path / "run.yaml"
     path.write_text(base_yaml(world, out).replace("rollout: {num_workers: 0}", "rollout: {num_workers: 1}"))
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "grpo", str(path), "--ray-address", "127.0.0.1:1"],
+    proc = subprocess.run([sys.executable, "-m", "argrpo.recipes.cli", "grpo", str(path), "--ray-address", "127.0.0.1:1"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "Ray address '127.0.0.1:1' does not answer" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
@@ -307,9 +306,8 @@ def test_full_output_disk(world, plugins, tmp_path, monkeypatch):
     """ENOSPC while the step-2 checkpoint's weights are written: the error names the checkpoint path, step 1's
     checkpoint stays complete and loadable, and no temp directory is left behind."""
     import transformers.modeling_utils as mu
-
-    from grpo.checkpointing import list_checkpoints
-    from models.policy import load_policy
+    from argrpo.grpo.checkpointing import list_checkpoints
+    from argrpo.models.policy import load_policy
 
     out = tmp_path / "out"
     cfg = cfg_of(world, out, **{"grpo.max_steps": 2, "checkpoint.every": 1, "checkpoint.keep": 2})

@@ -2,9 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from data.captions import (
+from argrpo.data.captions import (
     CaptionDataError,
     CaptionSource,
     detailed_caption,
@@ -14,7 +12,8 @@ from data.captions import (
     partial_captions,
     source_fingerprint,
 )
-from data.shapes import ShapesWorld, spec_from_key
+from argrpo.data.shapes import ShapesWorld, spec_from_key
+from PIL import Image
 
 
 def _image(path, size=(64, 64), color=(200, 30, 30)):

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from models.checkpoint import atomic_dir, atomic_write_text, recover
+from argrpo.models.checkpoint import atomic_dir, atomic_write_text, recover
 
 
 def _leftovers(parent, name):
@@ -53,7 +52,7 @@ def test_failure_keeps_previous_and_cleans_up(tmp_path):
 
 def test_replace_without_exchange_support(tmp_path, monkeypatch):
     """Filesystems without renameat2(RENAME_EXCHANGE): the old dir is moved aside, then removed."""
-    import models.checkpoint as ck
+    import argrpo.models.checkpoint as ck
 
     monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
     target = tmp_path / "ckpt"

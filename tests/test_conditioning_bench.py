@@ -3,13 +3,13 @@
 from types import SimpleNamespace
 
 import torch
+from argrpo.data.shapes import ShapesWorld
+from argrpo.grpo.lm_stage import CodesCollator, encode_captions, visual_lm_loss
+from argrpo.models.layout import layout_preset
+from argrpo.models.policy import build_policy
+from argrpo.models.text_tokenizer import build_text_tokenizer
 
 from bench.conditioning import image_nats
-from data.shapes import ShapesWorld
-from grpo.lm_stage import CodesCollator, encode_captions, visual_lm_loss
-from models.layout import layout_preset
-from models.policy import build_policy
-from models.text_tokenizer import build_text_tokenizer
 
 
 def test_image_nats_is_the_per_row_training_loss_summed_over_tokens():

@@ -1,8 +1,7 @@
 from dataclasses import dataclass, field
 
 import pytest
-
-from recipes.config import ConfigError, describe, load_config
+from argrpo.recipes.config import ConfigError, describe, load_config
 
 
 @dataclass

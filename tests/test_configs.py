@@ -9,21 +9,20 @@ import importlib
 from pathlib import Path
 
 import pytest
-
-from recipes.config import load_config
+from argrpo.recipes.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "recipes" / "configs"
 
 # (stem pattern, "module:Class"), first match wins
 CONFIG_CLASSES = (
-    ("tokenizer", "recipes.commands.tokenizer:TokenizerTrainConfig"),
-    ("pretrain", "grpo.lm_stage:PretrainConfig"),
-    ("sft", "grpo.lm_stage:SFTConfig"),
-    ("eval", "grpo.evaluate:EvalRunConfig"),
-    ("grpo", "grpo.config:GRPORunConfig"),
-    ("*_grpo_*", "grpo.config:GRPORunConfig"),
-    ("pipeline", "recipes.commands.pipeline:PipelineConfig"),
+    ("tokenizer", "argrpo.recipes.commands.tokenizer:TokenizerTrainConfig"),
+    ("pretrain", "argrpo.grpo.lm_stage:PretrainConfig"),
+    ("sft", "argrpo.grpo.lm_stage:SFTConfig"),
+    ("eval", "argrpo.grpo.evaluate:EvalRunConfig"),
+    ("grpo", "argrpo.grpo.config:GRPORunConfig"),
+    ("*_grpo_*", "argrpo.grpo.config:GRPORunConfig"),
+    ("pipeline", "argrpo.recipes.commands.pipeline:PipelineConfig"),
 )
 
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -52,8 +51,8 @@ def test_shipped_config_loads(path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_header_gives_the_command_line(path):
-    from recipes.cli import build_parser
-    from recipes.commands import COMMANDS
+    from argrpo.recipes.cli import build_parser
+    from argrpo.recipes.commands import COMMANDS
 
     build_parser()  # registers every command
     first = path.read_text().splitlines()[0]

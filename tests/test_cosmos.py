@@ -7,14 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from models.image_tokenizers.cosmos import (
+from argrpo.models.image_tokenizers.cosmos import (
     CosmosTokenizer,
     codes_to_indices,
     images_to_video,
     indices_to_codes,
 )
+from torch import nn
 
 P = 16  # pixels per code
 
@@ -105,7 +104,7 @@ def test_conventions():
 
 
 def test_encode_decode_round_trip(cosmos_dir):
-    from models.image_tokenizers.base import ImageTokenizer
+    from argrpo.models.image_tokenizers.base import ImageTokenizer
 
     tok = CosmosTokenizer(cosmos_dir, image_size=(64, 96))
     assert isinstance(tok, ImageTokenizer)
@@ -133,7 +132,7 @@ def test_encode_decode_round_trip(cosmos_dir):
 
 
 def test_save_load_and_registry(cosmos_dir, tmp_path):
-    from models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.image_tokenizers import load_image_tokenizer
 
     tok = CosmosTokenizer(cosmos_dir, image_size=(64, 96), dtype="bfloat16")
     tok.save_pretrained(tmp_path / "saved")

@@ -10,11 +10,10 @@ import textwrap
 
 import pytest
 import torch
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import build_run
+from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import build_run
-from recipes.config import load_config
 
 G = 4
 DEGENERATE = textwrap.dedent(f'''
@@ -90,8 +89,8 @@ def test_a_reward_that_is_none_for_the_whole_batch_is_skipped_and_logged(world, 
 def test_per_reward_normalize_applies_on_the_grpo_path():
     """A reward's own ``normalize`` is applied before TRL weights the rewards: batch z-scores each batch, running
     keeps statistics across batches (and hands them over for checkpoints); None stays None; the raw mean is logged."""
-    from grpo.reward_funcs import TrackedReward
-    from grpo.stats import StepStats
+    from argrpo.grpo.reward_funcs import TrackedReward
+    from argrpo.grpo.stats import StepStats
 
     def raw(prompts=None, images=None, **kw):
         return [1.0, 2.0, None, 3.0]

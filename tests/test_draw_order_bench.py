@@ -1,8 +1,9 @@
 """bench.draw_order's verdict on the object drawn first: which phrase it answers, and whether its colour is its own."""
 
+from argrpo.data.shapes import spec_from_key
+from argrpo.rewards.detectors.base import Detection
+
 from bench.draw_order import first_object
-from data.shapes import spec_from_key
-from rewards.detectors.base import Detection
 
 SPEC = spec_from_key("color_attr", (("red", "circle"), ("blue", "square")))  # "a red circle and a blue square"
 

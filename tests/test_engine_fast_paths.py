@@ -7,11 +7,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-
-from models.layout import TokenLayout
-from models.policy import build_policy
-from rollout.engines.torch_engine import TorchEngine, _sdpa_gqa_decode, column_major_linears
-from rollout.types import SamplingParams
+from argrpo.models.layout import TokenLayout
+from argrpo.models.policy import build_policy
+from argrpo.rollout.engines.torch_engine import TorchEngine, _sdpa_gqa_decode, column_major_linears
+from argrpo.rollout.types import SamplingParams
 
 LAYOUT = TokenLayout(name="custom", text_vocab_size=40, visual_offset=40, codebook_size=24, grid=(4, 4),
                      image_size=(16, 16))

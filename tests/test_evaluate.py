@@ -5,16 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from argrpo.data.shapes import ShapesWorld, perturb_spec
+from argrpo.grpo.evaluate import EvalSettings, evaluate, load_prompt_set, select_prompts, summarize
+from argrpo.models.image_tokenizers.vq import VQTokenizer
+from argrpo.models.layout import layout_preset
+from argrpo.models.policy import build_policy, load_policy, save_policy
+from argrpo.models.text_tokenizer import build_text_tokenizer
+from argrpo.recipes.cli import main
+from argrpo.rollout.types import Rollout
 from PIL import Image
-
-from data.shapes import ShapesWorld, perturb_spec
-from grpo.evaluate import EvalSettings, evaluate, load_prompt_set, select_prompts, summarize
-from models.image_tokenizers.vq import VQTokenizer
-from models.layout import layout_preset
-from models.policy import build_policy, load_policy, save_policy
-from models.text_tokenizer import build_text_tokenizer
-from recipes.cli import main
-from rollout.types import Rollout
 
 GENEVAL_META = Path("/work/shared/geneval/evaluation_metadata.jsonl")
 TAGS = ["color_attr", "colors", "counting", "position", "single_object", "two_object"]
@@ -48,7 +47,7 @@ class RenderEngine:
     the render contradicts): a known-correct and a known-wrong policy for the rest of the evaluation chain."""
 
     def __init__(self, specs, tokenizer, layout, vq, wrong=False):
-        from rollout.engines.base import encode_prompts
+        from argrpo.rollout.engines.base import encode_prompts
 
         self.world, self.layout, self.vq, self.wrong = ShapesWorld(), layout, vq, wrong
         ids = encode_prompts(tokenizer, layout, [s["prompt"] for s in specs])

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import build_run
+from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from safetensors.torch import load_file
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import build_run
-from recipes.config import load_config
 
 HERE = Path(__file__).resolve().parent
 

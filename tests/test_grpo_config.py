@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import trl_args
-from recipes.config import ConfigError, load_config
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import trl_args
+from argrpo.recipes.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 RECIPES = [CONFIGS / "shapes" / "grpo.yaml", CONFIGS / "simplear" / "0.5b_grpo_clip.yaml"]
@@ -35,7 +34,7 @@ def test_simplear_recipe_has_the_published_settings():
     assert cfg.rollout.engine == "vllm" and cfg.policy.layout == "simplear"
     assert cfg.rewards[0].name == "clip" and cfg.rewards[0].kwargs["model"] == "ViT-H-14"
     assert cfg.use_correction  # vLLM numerics differ from the learner's
-    from models.layout import layout_preset
+    from argrpo.models.layout import layout_preset
 
     assert layout_preset("simplear", text_vocab_size=151_672).n_image_tokens == 4096
     args = trl_args(cfg, n_image_tokens=4096, device=torch.device("cpu"))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from argrpo.grpo.logprobs import install_visual_head, reference_logprobs, visual_token_logprobs
+from argrpo.models.layout import TokenLayout
 from transformers import Qwen2Config, Qwen2ForCausalLM
-
-from grpo.logprobs import install_visual_head, reference_logprobs, visual_token_logprobs
-from models.layout import TokenLayout
 
 LAYOUT = TokenLayout(name="custom", text_vocab_size=20, visual_offset=20, codebook_size=24, grid=(2, 3),
                      image_size=(8, 12), prompt_template="{caption}")

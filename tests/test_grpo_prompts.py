@@ -6,11 +6,10 @@ import json
 from collections import Counter
 
 import pytest
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.prompts import prompt_stream, weight_by_tag
+from argrpo.recipes.config import ConfigError, load_config
 from grpo_fixtures import run_overrides, shared_world
-
-from grpo.config import GRPORunConfig
-from grpo.prompts import prompt_stream, weight_by_tag
-from recipes.config import ConfigError, load_config
 
 
 def rows(counts: dict[str, int]) -> list[dict]:
@@ -55,7 +54,7 @@ def test_weighted_stream_is_deterministic_and_proportional():
 
 
 def test_built_run_trains_on_the_weighted_prompts(tmp_path, monkeypatch):
-    from grpo.trainer import build_run
+    from argrpo.grpo.trainer import build_run
 
     world = shared_world()
     monkeypatch.syspath_prepend(str(world["plugins"]))

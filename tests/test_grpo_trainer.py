@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import build_run, keep_nonzero_advantage, train
+from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import build_run, keep_nonzero_advantage, train
-from recipes.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +264,7 @@ def test_train_entry_point_with_plugin_reward_from_yaml(world, plugins, tmp_path
     assert len(redness) == 12 and sum(redness[-3:]) / 3 > sum(redness[:3]) / 3 + 0.2, redness
     assert any((out / "tensorboard").iterdir())
     assert summary["last"]["rewards/redness/mean"] * 2.0 == pytest.approx(summary["last"]["reward"], abs=1e-6)
-    from models.policy import load_policy
+    from argrpo.models.policy import load_policy
 
     loaded = load_policy(out / "final")
     assert loaded.layout == world["layout"]
@@ -307,7 +306,7 @@ def test_periodic_heldout_evaluation_is_logged(world, plugins, tmp_path):
     assert "eval/score" in logs[0] and "eval/score" in logs[1] and "time/eval" in logs[1]
     assert logs[1]["eval/score"] == history[1][1]["score"]
     # every curve the report draws is a field the learner really logs (beta 0 here: no kl)
-    from grpo.report import EVAL_CURVES, POLICY_CURVES, REWARD_CURVES
+    from argrpo.grpo.report import EVAL_CURVES, POLICY_CURVES, REWARD_CURVES
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for key in REWARD_CURVES + POLICY_CURVES + EVAL_CURVES:

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 import trl
+from argrpo.grpo.config import CorrectionConfig
+from argrpo.grpo.logprobs import reference_logprobs
+from argrpo.grpo.trainer import ARGRPOTrainer
+from argrpo.models.policy import load_policy
 from datasets import Dataset
 from grpo_fixtures import shared_world
 from trl import GRPOConfig, GRPOTrainer
-
-from grpo.config import CorrectionConfig
-from grpo.logprobs import reference_logprobs
-from grpo.trainer import ARGRPOTrainer
-from models.policy import load_policy
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout.engines.jacobi import JacobiStats, jacobi_generate
+from argrpo.rollout.engines.torch_engine import TorchEngine
+from argrpo.rollout.sampling import final_logprobs, token_logprobs
+from argrpo.rollout.types import SamplingParams
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from models.layout import TokenLayout
-from rollout.engines.jacobi import JacobiStats, jacobi_generate
-from rollout.engines.torch_engine import TorchEngine
-from rollout.sampling import final_logprobs, token_logprobs
-from rollout.types import SamplingParams
 
 LAYOUT = TokenLayout(
     name="custom", text_vocab_size=40, visual_offset=40, codebook_size=32, grid=(3, 4), image_size=(12, 16),
@@ -285,12 +284,12 @@ def test_torch_engine_dispatches_on_sampling_jacobi():
 def test_sample_command_jacobi(tmp_path, monkeypatch):
     import json
 
-    import rollout.engines.jacobi as jacobi_module
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
-    from recipes.cli import main
+    import argrpo.rollout.engines.jacobi as jacobi_module
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
+    from argrpo.recipes.cli import main
 
     g = torch.Generator().manual_seed(0)
     vq = VQTokenizer(torch.rand(5, 4, 4, generator=g) > 0.5, torch.tensor([[255, 0, 0], [0, 0, 255]], dtype=torch.uint8),

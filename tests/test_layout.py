@@ -1,7 +1,6 @@
 import pytest
 import torch
-
-from models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
+from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
 
 
 def test_simplear_preset():

@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from transformers import TrainerCallback
-
-from data.shapes import ShapesWorld
-from grpo.lm_stage import (
+from argrpo.data.shapes import ShapesWorld
+from argrpo.grpo.lm_stage import (
     CodesCollator,
     CodesDataset,
     PretrainConfig,
@@ -18,11 +15,13 @@ from grpo.lm_stage import (
     run_lm_stage,
     visual_lm_loss,
 )
-from models.image_tokenizers.vq import VQTokenizer
-from models.layout import layout_preset
-from models.policy import build_policy, load_policy
-from models.text_tokenizer import build_text_tokenizer
-from recipes.config import ConfigError, load_config
+from argrpo.models.image_tokenizers.vq import VQTokenizer
+from argrpo.models.layout import layout_preset
+from argrpo.models.policy import build_policy, load_policy
+from argrpo.models.text_tokenizer import build_text_tokenizer
+from argrpo.recipes.config import ConfigError, load_config
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +141,7 @@ def test_pretrain_then_sft(vq_dir, tmp_path):
 def test_bf16_setting_reaches_the_loss(vq_dir, tmp_path, monkeypatch, bf16):
     """The visual-slice loss calls the decoder directly (not model.forward, which accelerate wraps in autocast),
     so train.bf16 must take effect inside the loss itself: bf16 matmuls when asked, float32 otherwise."""
-    import grpo.lm_stage as lm_stage
+    import argrpo.grpo.lm_stage as lm_stage
 
     seen = []
 

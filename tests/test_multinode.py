@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from rewards.pool import RewardPoolConfig
-from rollout.cluster import scheduling_options
-from rollout.pool import RolloutConfig
+from argrpo.rewards.pool import RewardPoolConfig
+from argrpo.rollout.cluster import scheduling_options
+from argrpo.rollout.pool import RolloutConfig
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -55,7 +54,7 @@ def test_placement_settings_validate_and_map_to_ray_options():
         RewardPoolConfig(resources={"clip": {"custom_resources": {"x": -1}}})
     with pytest.raises(ValueError, match="reward pool: placement"):
         RewardPoolConfig(placement="everywhere")
-    from recipes.config import describe
+    from argrpo.recipes.config import describe
 
     for key in ("custom_resources", "placement"):
         assert key in describe(RolloutConfig) and key in describe(RewardPoolConfig)
@@ -66,7 +65,7 @@ def test_unreachable_ray_address_is_named(tmp_path):
     address = f"127.0.0.1:{_closed_port()}"
     cfg = tmp_path / "grpo.yaml"
     cfg.write_text("policy: {checkpoint: /nonexistent/policy}\nrewards: [{name: geneval}]\n")
-    cli = [sys.executable, "-m", "recipes.cli"]
+    cli = [sys.executable, "-m", "argrpo.recipes.cli"]
     runs = {
         "grpo": subprocess.run(cli + ["grpo", str(cfg), "--ray-address", address], env=_env(),
                                capture_output=True, text=True, timeout=120),

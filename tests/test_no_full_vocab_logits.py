@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.lm_stage import CodesCollator, visual_lm_loss
+from argrpo.grpo.trainer import build_run
+from argrpo.models.policy import load_policy
+from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-from grpo.config import GRPORunConfig
-from grpo.lm_stage import CodesCollator, visual_lm_loss
-from grpo.trainer import build_run
-from models.policy import load_policy
-from recipes.config import load_config
 
 
 class FullVocabWatch(TorchDispatchMode):
@@ -154,8 +153,8 @@ def test_trl_default_head_would_be_caught(world, policy):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_torch_engine_rollout_builds_no_full_vocab_logits(policy, cfg_scale):
-    from rollout.engines.torch_engine import TorchEngine
-    from rollout.types import SamplingParams
+    from argrpo.rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.types import SamplingParams
 
     tok, layout = policy.tokenizer, policy.layout
     engine = TorchEngine(policy.model, layout, tokenizer=tok)

@@ -4,8 +4,7 @@ import json
 from pathlib import Path
 
 import yaml
-
-from recipes.cli import main
+from argrpo.recipes.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "shapes"
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-
-from models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
-from models.policy import (
+from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, layout_preset
+from argrpo.models.policy import (
     SIZE_PRESETS,
     VLLM_HEAD_DIMS,
     LoadedPolicy,
@@ -21,7 +20,7 @@ from models.policy import (
     policy_from_config,
     save_policy,
 )
-from models.text_tokenizer import build_text_tokenizer, simplear_test_tokenizer
+from argrpo.models.text_tokenizer import build_text_tokenizer, simplear_test_tokenizer
 
 WORDS = ["a", "photo", "of", "red", "blue", "circle", "square", "and"]
 
@@ -268,7 +267,7 @@ def test_simplear_too_small_vocab_is_clear(tmp_path):
 
 
 def test_policy_config_and_factory(tmp_path, tok, layout):
-    from recipes.config import ConfigError, describe, load_config
+    from argrpo.recipes.config import ConfigError, describe, load_config
 
     cfg = load_config(PolicyConfig, None, ["size=tiny", "lora.enabled=true", "lora.r=4"])
     assert cfg.lora.r == 4 and isinstance(cfg.lora.target_modules, tuple)

@@ -1,8 +1,7 @@
 import json
 
 import numpy as np
-
-from grpo.report import StageScores, comparison_grid, markdown_table, read_metrics, write_report
+from argrpo.grpo.report import StageScores, comparison_grid, markdown_table, read_metrics, write_report
 
 
 def _stages():

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from argrpo.grpo.config import GRPORunConfig
+from argrpo.grpo.trainer import build_run, train
+from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
-
-from grpo.config import GRPORunConfig
-from grpo.trainer import build_run, train
-from recipes.config import load_config
 
 
 class StopAt(TrainerCallback):
@@ -51,7 +50,7 @@ def world():
 
 def _grpo_run(cfg, stop_at=None, resume=False):
     """Build and train one segment, recording the captions each rollout sampled -> (run, prompts per rollout)."""
-    from grpo.checkpointing import latest_checkpoint
+    from argrpo.grpo.checkpointing import latest_checkpoint
 
     run = build_run(cfg)
     seen = []
@@ -113,9 +112,8 @@ def test_grpo_resume_through_train_entry_point(world, tmp_path, monkeypatch):
     """`argrpo grpo --resume` goes through grpo.trainer.train: it finds the newest checkpoint itself and writes the
     final policy, which equals the straight run's. Two rewards, one z-scored with running statistics: those travel
     with the checkpoint (a reset would change the weighted sum, hence the advantages and the weights)."""
+    from argrpo.grpo.checkpointing import read_run_state
     from safetensors.torch import load_file
-
-    from grpo.checkpointing import read_run_state
 
     monkeypatch.syspath_prepend(str(world["plugins"]))
     kw = {"grpo.max_steps": 4, "checkpoint.every": 2, "checkpoint.save_final": True,
@@ -143,10 +141,9 @@ def test_grpo_resume_through_train_entry_point(world, tmp_path, monkeypatch):
 # ---- pretrain -----------------------------------------------------------------------------------------------------
 def test_pretrain_four_steps_equal_two_plus_resume_plus_two(vq_dir, tmp_path, monkeypatch):
     """Same weights (exactly), the same batches in the same order (caption dropout included) and the same losses."""
+    import argrpo.grpo.lm_stage as lm
+    from argrpo.grpo.lm_stage import PretrainConfig, run_lm_stage
     from safetensors.torch import load_file
-
-    import grpo.lm_stage as lm
-    from grpo.lm_stage import PretrainConfig, run_lm_stage
 
     batches: list[str] = []  # each trained batch (prompt ids with dropout applied, then codes), in order
     loss = lm.visual_lm_loss

@@ -9,9 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from rewards.base import (
+from argrpo.rewards.base import (
     REWARDS,
     CompositeReward,
     Reward,
@@ -23,6 +21,7 @@ from rewards.base import (
     build_rewards,
     register_reward,
 )
+from PIL import Image
 
 
 def mean_pixel(prompts, images, **_):
@@ -114,7 +113,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 
 def test_plugin_from_yaml_config(plugin_dir):
-    from recipes.config import load_config
+    from argrpo.recipes.config import load_config
 
     @dataclasses.dataclass
     class Cfg:

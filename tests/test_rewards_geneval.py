@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from rewards.base import RewardError, build_reward
-from rewards.detectors.base import Detection
-from rewards.geneval import (
+from argrpo.rewards.base import RewardError, build_reward
+from argrpo.rewards.detectors.base import Detection
+from argrpo.rewards.geneval import (
     GenEvalReward,
     GenEvalRules,
     box_iou,

@@ -16,10 +16,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from argrpo.rewards.base import build_reward
+from argrpo.rewards.clip import register_open_clip_config
 from PIL import Image
-
-from rewards.base import build_reward
-from rewards.clip import register_open_clip_config
 
 # open_clip's ViT-H-14 / ViT-L-14 config layout, shrunk: same CLIP class, ViT vision tower, causal text transformer.
 TINY_CLIP = {
@@ -111,7 +110,7 @@ def test_hps_loads_state_dict_checkpoint(tmp_path, imgs):
 
 
 def test_torch_checkpoint_with_code_is_refused(tmp_path):
-    from rewards.clip import load_state_dict_file
+    from argrpo.rewards.clip import load_state_dict_file
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "cls": object()}, path)
@@ -218,9 +217,9 @@ def test_aesthetic_head_on_normalised_clip_embeddings(tmp_path, imgs):
 
 
 def test_color_classifier_is_geneval_zero_shot(imgs):
-    from rewards.clip import OpenClip
-    from rewards.colors import GENEVAL_TEMPLATES, ColorClassifier
-    from rewards.geneval import COLORS
+    from argrpo.rewards.clip import OpenClip
+    from argrpo.rewards.colors import GENEVAL_TEMPLATES, ColorClassifier
+    from argrpo.rewards.geneval import COLORS
 
     clip = OpenClip("tiny-clip-test", None, TINY_CLIP, device="cpu")
     clf = ColorClassifier(clip=clip)

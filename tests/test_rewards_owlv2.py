@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from rewards.base import build_reward
-from rewards.detectors.base import DETECTORS
-from rewards.geneval import score_batch, spec_classes
+from argrpo.rewards.base import build_reward
+from argrpo.rewards.detectors.base import DETECTORS
+from argrpo.rewards.geneval import score_batch, spec_classes
 
 GENEVAL_META = Path("/work/shared/geneval/evaluation_metadata.jsonl")
 TINY_CLIP = {
@@ -60,9 +59,8 @@ def images(n, h=48, w=64, seed=0):
 
 
 def test_owlv2_matches_transformers_post_processing(owl_dir):
+    from argrpo.rewards.geneval import build_detector
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
-
-    from rewards.geneval import build_detector
 
     detector = build_detector("owlv2", path=str(owl_dir), device="cpu", threshold=0.0, max_boxes=1000)
     assert isinstance(detector, DETECTORS["owlv2"])
@@ -91,7 +89,7 @@ def test_owlv2_matches_transformers_post_processing(owl_dir):
 
 
 def test_owlv2_batches_with_different_query_counts(owl_dir):
-    from rewards.geneval import build_detector
+    from argrpo.rewards.geneval import build_detector
 
     detector = build_detector("owlv2", path=str(owl_dir), device="cpu", threshold=0.0)
     imgs = images(3, seed=1)

@@ -7,9 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
-from rewards.base import CompositeReward, RewardError, RewardSpec
-from rewards.pool import RewardPool, RewardPoolConfig
+from argrpo.rewards.base import CompositeReward, RewardError, RewardSpec
+from argrpo.rewards.pool import RewardPool, RewardPoolConfig
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -72,10 +71,9 @@ def test_pool_matches_in_process(ray_cluster, env, tmp_path, monkeypatch):
     import open_clip
     import ray
     import torch
+    from argrpo.data.shapes import ShapesWorld, perturb_spec
+    from argrpo.rewards.clip import register_open_clip_config
     from safetensors.torch import save_file
-
-    from data.shapes import ShapesWorld, perturb_spec
-    from rewards.clip import register_open_clip_config
 
     register_open_clip_config("tiny-clip-pool", TINY_CLIP)
     torch.manual_seed(0)

@@ -7,9 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from argrpo.recipes.cli import main
 from PIL import Image
-
-from recipes.cli import main
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def plugin(tmp_path, monkeypatch):
 
 
 def test_score_geneval_layout(tmp_path, plugin, capsys):
-    from data.shapes import ShapesWorld, perturb_spec
+    from argrpo.data.shapes import ShapesWorld, perturb_spec
 
     world = ShapesWorld()
     specs, images, _ = world.sample("train", 6, seed=3)
@@ -58,7 +57,7 @@ def test_score_geneval_layout(tmp_path, plugin, capsys):
 
 
 def test_score_flat_folder_and_errors(tmp_path, plugin, capsys):
-    from data.shapes import ShapesWorld
+    from argrpo.data.shapes import ShapesWorld
 
     specs, images, _ = ShapesWorld().sample("train", 3, seed=4)
     flat = tmp_path / "flat"

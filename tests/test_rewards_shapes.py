@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from rewards.base import build_reward
-from rewards.geneval import score_image
+from argrpo.rewards.base import build_reward
+from argrpo.rewards.geneval import score_image
 
 
 def test_geneval_on_rendered_shapes():
-    from data.shapes import ShapesWorld, perturb_spec, record_detections
+    from argrpo.data.shapes import ShapesWorld, perturb_spec, record_detections
 
     world = ShapesWorld()
     specs, images, records = world.sample("train", 24, seed=0)

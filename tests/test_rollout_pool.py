@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from models.layout import TokenLayout
-from rollout import (
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout import (
     LocalRolloutPool,
     PolicyComponents,
     RolloutConfig,
@@ -18,7 +17,7 @@ from rollout import (
     SamplingParams,
     build_rollout_pool,
 )
-from rollout.worker import RolloutWorker
+from argrpo.rollout.worker import RolloutWorker
 
 LAYOUT = TokenLayout(
     name="custom", text_vocab_size=40, visual_offset=40, codebook_size=32, grid=(3, 4), image_size=(6, 8),
@@ -140,11 +139,11 @@ def test_worker_errors():
 
 
 def test_worker_from_checkpoint_dir(tmp_path):
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
-    from rollout.worker import _loads_checkpoint, load_components
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
+    from argrpo.rollout.worker import _loads_checkpoint, load_components
 
     vq = VQTokenizer(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5,
                      torch.tensor([[255, 0, 0], [0, 0, 255]]), torch.tensor([255, 255, 255]), grid=(2, 2))
@@ -172,7 +171,7 @@ def test_rollout_config_validates():
         RolloutConfig(num_workers=-1)
     with pytest.raises(ValueError, match="mode"):
         RolloutConfig(mode="sometimes")
-    from recipes.config import describe
+    from argrpo.recipes.config import describe
 
     assert "num_cpus_per_worker" in describe(RolloutConfig)
 

@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from argrpo.recipes.cli import main
 from PIL import Image
-
-from recipes.cli import main
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from models.image_tokenizers.vq import VQTokenizer
-    from models.layout import layout_preset
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.models.layout import layout_preset
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
 
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(5, 4, 4, generator=g) > 0.5

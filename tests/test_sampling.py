@@ -6,9 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from rollout.sampling import (
+from argrpo.rollout.sampling import (
     cfg_combine,
     draw_uniforms,
     filter_top_k,
@@ -19,7 +17,8 @@ from rollout.sampling import (
     token_logprobs,
     visual_logprobs,
 )
-from rollout.types import SamplingParams
+from argrpo.rollout.types import SamplingParams
+from torch.utils._python_dispatch import TorchDispatchMode
 
 V, OFF, C = 50, 20, 16  # vocab, visual offset, codebook
 VS = slice(OFF, OFF + C)

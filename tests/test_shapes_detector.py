@@ -8,9 +8,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from data.shapes import (
+from argrpo.data.shapes import (
     PALETTE,
     SHAPE_MASKS,
     TAGS,
@@ -19,10 +17,11 @@ from data.shapes import (
     perturb_spec,
     shape_mask,
 )
-from models.image_tokenizers.vq import VQTokenizer
-from rewards.detectors.base import DETECTORS, Detection
-from rewards.detectors.shapes import ShapesDetector, connected_components
-from rewards.geneval import score_image
+from argrpo.models.image_tokenizers.vq import VQTokenizer
+from argrpo.rewards.detectors.base import DETECTORS, Detection
+from argrpo.rewards.detectors.shapes import ShapesDetector, connected_components
+from argrpo.rewards.geneval import score_image
+from PIL import Image
 
 WORLD = ShapesWorld()
 BG = WORLD.background
@@ -262,7 +261,7 @@ def test_scores_sorted_and_labels_cover_the_world(clean_detections):
 def test_geneval_reward_with_the_shapes_detector(rendered, clean_detections):
     import json
 
-    from rewards.base import build_reward
+    from argrpo.rewards.base import build_reward
 
     specs, images, _ = rendered
     reward = build_reward("geneval", detector="shapes")

@@ -7,9 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from data.prompts import PromptFileError, read_prompts, write_prompts
-from data.shapes import (
+from argrpo.data.prompts import PromptFileError, read_prompts, write_prompts
+from argrpo.data.shapes import (
     PALETTE,
     RELATIONS,
     SHAPE_MASKS,
@@ -24,7 +23,7 @@ from data.shapes import (
     vocabulary,
     write_prompt_sets,
 )
-from rewards.geneval import relative_position, score_image
+from argrpo.rewards.geneval import relative_position, score_image
 
 WORLD = ShapesWorld()
 

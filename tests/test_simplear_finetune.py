@@ -10,18 +10,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from argrpo.recipes.cli import main
 from grpo_fixtures import PLUGIN_SOURCE
 from PIL import Image
 from test_cosmos import ColourDecoder, PatchEncoder
 
-from recipes.cli import main
-
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
+    from argrpo.models.text_tokenizer import simplear_test_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from models.text_tokenizer import simplear_test_tokenizer
 
     root = tmp_path_factory.mktemp("release")
     tok = simplear_test_tokenizer()
@@ -58,9 +56,9 @@ def test_convert_sample_and_grpo(release, tmp_path, monkeypatch):
     plugins.mkdir()
     (plugins / "user_rewards.py").write_text(PLUGIN_SOURCE)
     monkeypatch.syspath_prepend(str(plugins))
-    from grpo.config import GRPORunConfig
-    from grpo.trainer import train
-    from recipes.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import train
+    from argrpo.recipes.config import load_config
 
     cfg = load_config(GRPORunConfig, None, [
         f"output_dir={tmp_path / 'grpo'}", f"policy.checkpoint={ckpt}",

@@ -3,9 +3,8 @@
 import json
 import os
 
+from argrpo.recipes.commands.sweep import expand_trials, parse_grid, sweep
 from grpo_fixtures import run_overrides, shared_world
-
-from recipes.commands.sweep import expand_trials, parse_grid, sweep
 
 
 def test_grid_parsing_and_product():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from models.layout import SHAPES_SPECIAL_TOKENS, SIMPLEAR_SPECIAL_TOKENS, layout_preset
-from models.text_tokenizer import build_text_tokenizer, load_text_tokenizer, simplear_test_tokenizer
+from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, SIMPLEAR_SPECIAL_TOKENS, layout_preset
+from argrpo.models.text_tokenizer import build_text_tokenizer, load_text_tokenizer, simplear_test_tokenizer
 
 WORDS = ["a", "photo", "of", "red", "green", "circle", "triangle", "left", ".", "two", "red"]
 

@@ -2,13 +2,12 @@ import json
 
 import numpy as np
 import pytest
+from argrpo.data.captions import CaptionSource, load_caption_dataset, load_images
+from argrpo.data.shapes import ShapesWorld
+from argrpo.data.token_cache import MARKER, build_token_cache, tokenizer_fingerprint
+from argrpo.models.image_tokenizers import load_image_tokenizer
+from argrpo.models.image_tokenizers.vq import VQTokenizer
 from PIL import Image
-
-from data.captions import CaptionSource, load_caption_dataset, load_images
-from data.shapes import ShapesWorld
-from data.token_cache import MARKER, build_token_cache, tokenizer_fingerprint
-from models.image_tokenizers import load_image_tokenizer
-from models.image_tokenizers.vq import VQTokenizer
 
 
 class Counting:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout.engines import ENGINES, get_engine
+from argrpo.rollout.engines.torch_engine import TorchEngine
+from argrpo.rollout.sampling import token_logprobs
+from argrpo.rollout.types import SamplingParams
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from models.layout import TokenLayout
-from rollout.engines import ENGINES, get_engine
-from rollout.engines.torch_engine import TorchEngine
-from rollout.sampling import token_logprobs
-from rollout.types import SamplingParams
 
 LAYOUT = TokenLayout(
     name="custom", text_vocab_size=40, visual_offset=40, codebook_size=32, grid=(3, 4), image_size=(12, 16),
@@ -210,7 +209,7 @@ def test_registry_and_tokenizer_uncond_prompt():
         get_engine("nope")
     model = tiny_model(seed=9, dtype=torch.float64)
     engine = TorchEngine(model, LAYOUT, tokenizer=tokenizer)
-    from rollout.engines import encode_prompts
+    from argrpo.rollout.engines import encode_prompts
 
     prompts = encode_prompts(tokenizer, LAYOUT, ["a red circle", "blue square"])
     assert prompts == [[1, 3, 4, 5, 2], [1, 6, 7, 2]]

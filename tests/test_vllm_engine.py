@@ -17,10 +17,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 pytestmark = pytest.mark.vllm
 
-from models.layout import SHAPES_SPECIAL_TOKENS, shapes_layout  # noqa: E402
-from rollout.engines.base import encode_prompts  # noqa: E402
-from rollout.sampling import final_logprobs  # noqa: E402
-from rollout.types import SamplingParams  # noqa: E402
+from argrpo.models.layout import SHAPES_SPECIAL_TOKENS, shapes_layout  # noqa: E402
+from argrpo.rollout.engines.base import encode_prompts  # noqa: E402
+from argrpo.rollout.sampling import final_logprobs  # noqa: E402
+from argrpo.rollout.types import SamplingParams  # noqa: E402
 
 WORDS = [
     "a",
@@ -63,7 +63,7 @@ def _peaky(model, seed: int):
 def _own_threads():
     """vLLM runs in this process on torch's thread pool: size it to the cores this run really has (OMP_NUM_THREADS),
     not the session default, since oversubscribed pools stall small-op work badly on a shared machine."""
-    from models.runtime import set_threads
+    from argrpo.models.runtime import set_threads
 
     before = torch.get_num_threads()
     set_threads()
@@ -74,8 +74,8 @@ def _own_threads():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two tiny Qwen2 policies (A: the engine's checkpoint, B: the reload target) saved with save_policy."""
-    from models.policy import build_policy, save_policy
-    from models.text_tokenizer import build_text_tokenizer
+    from argrpo.models.policy import build_policy, save_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
 
     tok = build_text_tokenizer(WORDS, SHAPES_SPECIAL_TOKENS)
     layout = shapes_layout(text_vocab_size=len(tok), codebook_size=64, grid=(4, 4), image_size=(16, 16))
@@ -103,7 +103,7 @@ def engines():
 @pytest.fixture(scope="module")
 def engine(world, engines):
     pytest.importorskip("vllm")
-    from rollout.engines import get_engine
+    from argrpo.rollout.engines import get_engine
 
     cls = get_engine("vllm")
     eng = cls(world["root"] / "A", max_num_seqs=MAX_NUM_SEQS, enable_lora=True, max_lora_rank=8, seed=0)
@@ -149,7 +149,7 @@ def recompute_logprobs(model, layout, prompt_ids, uncond, completion, sampling):
 
 
 def torch_engine(model, world):
-    from rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.engines.torch_engine import TorchEngine
 
     return TorchEngine(model, world["layout"], uncond_prompt_ids=world["uncond"])
 
@@ -157,10 +157,9 @@ def torch_engine(model, world):
 # ---- the processor alone -----------------------------------------------------------------------------------------
 def test_processor_pairs_half_pairs_and_moves():
     pytest.importorskip("vllm")
+    from argrpo.rollout.engines.vllm_processors import EXTRA_KEY, VisualCFGLogitsProcessor
     from vllm import SamplingParams as VSP
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-
-    from rollout.engines.vllm_processors import EXTRA_KEY, VisualCFGLogitsProcessor
 
     lo, hi, V, marker = 10, 26, 32, 9
 
@@ -217,9 +216,8 @@ def test_processor_pairs_half_pairs_and_moves():
 
 def test_processor_rejects_bad_extra_args():
     pytest.importorskip("vllm")
+    from argrpo.rollout.engines.vllm_processors import EXTRA_KEY, VisualCFGLogitsProcessor
     from vllm import SamplingParams as VSP
-
-    from rollout.engines.vllm_processors import EXTRA_KEY, VisualCFGLogitsProcessor
 
     good = dict(
         lo=10, hi=26, role="cond", pair=1, marker=9, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=2.0
@@ -335,7 +333,7 @@ def test_bad_inputs_name_the_row(engine, world):
 
 # ---- weights -----------------------------------------------------------------------------------------------------
 def test_full_reload_equals_fresh_engine(engine, engines, world):
-    from rollout.engines.vllm_engine import VLLMEngine
+    from argrpo.rollout.engines.vllm_engine import VLLMEngine
 
     greedy = SamplingParams(temperature=0.0, cfg_scale=2.0, n=2)
     sampled = SamplingParams(temperature=1.0, top_p=0.95, seed=3, n=2)
@@ -370,9 +368,8 @@ def test_full_reload_equals_fresh_engine(engine, engines, world):
 def test_lora_versions_equal_peft_merged_models(engine, world):
     import copy
 
+    from argrpo.models.policy import apply_lora
     from peft import get_peft_model_state_dict
-
-    from models.policy import apply_lora
 
     layout = world["layout"]
     sp = SamplingParams(temperature=0.0, cfg_scale=2.0)
@@ -408,8 +405,8 @@ def test_lora_checkpoint_dir_serves_its_adapter(engine, engines, world):
     """A LoRA checkpoint of save_policy (adapter files + argrpo.json naming the base) starts as adapter version 0."""
     import copy
 
-    from models.policy import apply_lora, save_policy
-    from rollout.engines.vllm_engine import VLLMEngine
+    from argrpo.models.policy import apply_lora, save_policy
+    from argrpo.rollout.engines.vllm_engine import VLLMEngine
 
     base = copy.deepcopy(world["models"]["A"])
     base.name_or_path = str(world["root"] / "A")

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.shapes import PALETTE, ShapesWorld, blur_and_noise, spec_from_key
-from models.image_tokenizers import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
-from models.image_tokenizers.vq import VQTokenizer
+from argrpo.data.shapes import PALETTE, ShapesWorld, blur_and_noise, spec_from_key
+from argrpo.models.image_tokenizers import IMAGE_TOKENIZERS, ImageTokenizer, load_image_tokenizer
+from argrpo.models.image_tokenizers.vq import VQTokenizer
 
 WORLD = ShapesWorld()
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +139,7 @@ def test_load_errors_name_the_problem(tok, tmp_path):
 
 
 def test_tokenizer_train_command(tmp_path, capsys):
-    from recipes.cli import main
+    from argrpo.recipes.cli import main
 
     out = tmp_path / "tok"
     rc = main(["tokenizer", "train", str(CONFIG), "--set", f"output_dir={out}", "--set", "n_images=300"])
@@ -156,8 +155,8 @@ def test_tokenizer_train_command(tmp_path, capsys):
 
 
 def test_shipped_config_loads_and_documents_its_command():
-    from recipes.commands.tokenizer import TokenizerTrainConfig
-    from recipes.config import load_config
+    from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig
+    from argrpo.recipes.config import load_config
 
     assert CONFIG.read_text().splitlines()[0] == "# argrpo tokenizer train recipes/configs/shapes/tokenizer.yaml"
     cfg = load_config(TokenizerTrainConfig, CONFIG)

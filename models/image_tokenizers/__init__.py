@@ -11,7 +11,7 @@ import json
 import pkgutil
 from pathlib import Path
 
-from models.image_tokenizers.base import IMAGE_TOKENIZERS, ImageTokenizer, register_image_tokenizer
+from argrpo.models.image_tokenizers.base import IMAGE_TOKENIZERS, ImageTokenizer, register_image_tokenizer
 
 CONFIG_NAME = "image_tokenizer.json"
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.checkpoint import link_or_copy
-from models.image_tokenizers.base import register_image_tokenizer
+from argrpo.models.checkpoint import link_or_copy
+from argrpo.models.image_tokenizers.base import register_image_tokenizer
 
 CONFIG_NAME = "image_tokenizer.json"
 ENCODER_FILE = "encoder.jit"

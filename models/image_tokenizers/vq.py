@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.image_tokenizers.base import register_image_tokenizer
+from argrpo.models.image_tokenizers.base import register_image_tokenizer
 
 CONFIG_NAME = "image_tokenizer.json"
 WEIGHTS_NAME = "vq.safetensors"

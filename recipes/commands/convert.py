@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from recipes.commands import command
+from argrpo.recipes.commands import command
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 @command("convert", help="convert a released SimpleAR checkpoint (+ Cosmos decoder) into argrpo's format",
          configure=_configure)
 def run(args) -> int:
-    from models.image_tokenizers.cosmos import CosmosTokenizer
-    from models.policy import load_policy, save_policy
+    from argrpo.models.image_tokenizers.cosmos import CosmosTokenizer
+    from argrpo.models.policy import load_policy, save_policy
 
     grid = args.resolution // 16  # Cosmos DV8x16x16: one code per 16x16 pixels
     layout_kwargs = {"grid": (grid, grid), "image_size": (args.resolution, args.resolution)}

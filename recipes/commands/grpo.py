@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recipes.commands import add_config_args, add_ray_args, command, join_ray
+from argrpo.recipes.commands import add_config_args, add_ray_args, command, join_ray
 
 
 def configure(parser) -> None:
@@ -18,8 +18,8 @@ def run(args) -> int:
     import json
     import warnings
 
-    from grpo.config import GRPORunConfig
-    from recipes.config import describe, load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.recipes.config import describe, load_config
 
     if args.describe:
         print(describe(GRPORunConfig))
@@ -29,7 +29,7 @@ def run(args) -> int:
     cfg = load_config(GRPORunConfig, args.config, args.overrides)
     join_ray(args.ray_address, "grpo")
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
-    from grpo.trainer import train
+    from argrpo.grpo.trainer import train
 
     summary = train(cfg, resume=args.resume)
     last = summary["last"]

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.commands import add_config_args, add_ray_args, command, join_ray
+from argrpo.recipes.commands import add_config_args, add_ray_args, command, join_ray
 
 STAGES = ("tokenizer", "pretrain", "sft", "grpo", "eval", "report")
 EVAL_STAGES = ("pretrain", "sft", "grpo")
@@ -57,14 +57,14 @@ def _done_marker(path: Path) -> Path:
 
 
 def _mark_done(path: Path, info: dict) -> None:
-    from models.checkpoint import atomic_write_text
+    from argrpo.models.checkpoint import atomic_write_text
 
     atomic_write_text(_done_marker(path), json.dumps(info, indent=2, default=str))
 
 
 def build_stages(cfg: PipelineConfig, base: Path) -> list[Stage]:
     """The pipeline as a list of (done?, run) pairs; each run reads its YAML and points it at the previous output."""
-    from recipes.config import load_config
+    from argrpo.recipes.config import load_config
 
     out = Path(cfg.output_dir)
     d = {name: out / name for name in ("tokenizer", "pretrain", "sft", "grpo", "eval", "report")}
@@ -77,21 +77,21 @@ def build_stages(cfg: PipelineConfig, base: Path) -> list[Stage]:
         return extra + list(cfg.overrides.get(name, []))
 
     def run_tokenizer():
-        from recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
+        from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
 
         c = load_config(TokenizerTrainConfig, stage_yaml("tokenizer"), ov("tokenizer", [f"output_dir={d['tokenizer']}"]))
         train_tokenizer(c)
 
     def run_lm(name: str, cls_name: str, extra: list[str]):
-        from grpo import lm_stage
+        from argrpo.grpo import lm_stage
 
         c = load_config(getattr(lm_stage, cls_name), stage_yaml(name), ov(name, extra))
         lm_stage.run_lm_stage(c)
         _mark_done(d[name], {"stage": name})
 
     def run_grpo():
-        from grpo.config import GRPORunConfig
-        from grpo.trainer import train
+        from argrpo.grpo.config import GRPORunConfig
+        from argrpo.grpo.trainer import train
 
         c = load_config(GRPORunConfig, stage_yaml("grpo"),
                         ov("grpo", [f"output_dir={d['grpo']}", f"policy.checkpoint={d['sft']}"]))
@@ -132,10 +132,10 @@ def policy_dir(d: dict[str, Path], stage: str) -> Path:
 
 def evaluate_stage(eval_yaml: Path, overrides: list[str], policy: Path, out: Path) -> None:
     """Held-out evaluation of one checkpoint with the pinned eval settings; writes ``results.json`` last."""
-    from grpo.evaluate import EvalRunConfig, evaluate, load_prompt_set, select_prompts
-    from models.policy import load_policy
-    from models.runtime import resolve_device
-    from recipes.config import load_config
+    from argrpo.grpo.evaluate import EvalRunConfig, evaluate, load_prompt_set, select_prompts
+    from argrpo.models.policy import load_policy
+    from argrpo.models.runtime import resolve_device
+    from argrpo.recipes.config import load_config
 
     c = load_config(EvalRunConfig, eval_yaml, overrides + [f"policy={policy}"])
     specs, _ = load_prompt_set(c.prompts, c.shapes_per_tag, c.shapes_seed)
@@ -149,8 +149,7 @@ def evaluate_stage(eval_yaml: Path, overrides: list[str], policy: Path, out: Pat
 def write_pipeline_report(cfg: PipelineConfig, d: dict[str, Path], base: Path) -> str:
     """Stage table + GRPO curves + the same held-out prompts sampled from every stage."""
     import numpy as np
-
-    from grpo.report import StageScores, comparison_grid, read_metrics, write_report
+    from argrpo.grpo.report import StageScores, comparison_grid, read_metrics, write_report
 
     stages = []
     for stage in EVAL_STAGES:
@@ -173,8 +172,8 @@ def write_pipeline_report(cfg: PipelineConfig, d: dict[str, Path], base: Path) -
 
 def grid_prompts(cfg: PipelineConfig, base: Path) -> list[str]:
     """The first held-out prompts of each tag in turn, so the grid shows every tag."""
-    from grpo.evaluate import EvalRunConfig, load_prompt_set
-    from recipes.config import load_config
+    from argrpo.grpo.evaluate import EvalRunConfig, load_prompt_set
+    from argrpo.recipes.config import load_config
 
     c = load_config(EvalRunConfig, (base / cfg.eval).resolve(), list(cfg.overrides.get("eval", [])))
     specs, _ = load_prompt_set(c.prompts, c.shapes_per_tag, c.shapes_seed)
@@ -191,8 +190,8 @@ def grid_prompts(cfg: PipelineConfig, base: Path) -> list[str]:
 
 def sample_grid(policy: Path, prompts: list[str], k: int, seed: int):
     """uint8 [P, k, H, W, 3]: ``k`` samples of each prompt with the same seed at every stage."""
-    from rollout.pool import LocalRolloutPool, RolloutConfig
-    from rollout.types import SamplingParams
+    from argrpo.rollout.pool import LocalRolloutPool, RolloutConfig
+    from argrpo.rollout.types import SamplingParams
 
     with LocalRolloutPool(str(policy), RolloutConfig(num_workers=0, device="cpu")) as pool:
         ro = pool.generate(prompts, k, SamplingParams(seed=seed))
@@ -209,10 +208,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 @command("pipeline", help="tokenizer -> pretrain -> SFT -> GRPO -> eval of every stage -> report",
          configure=_configure)
 def run(args) -> int:
+    from argrpo.models.runtime import set_threads
+    from argrpo.recipes.config import load_config
     from tqdm import tqdm
-
-    from models.runtime import set_threads
-    from recipes.config import load_config
 
     set_threads()
     cfg = load_config(PipelineConfig, args.config, args.overrides)

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from recipes.commands import command
+from argrpo.recipes.commands import command
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -88,9 +88,8 @@ def _complete(folder: Path, n: int) -> bool:
 
 
 def _write_prompt_folder(folder: Path, row: dict, images) -> None:
+    from argrpo.models.checkpoint import atomic_dir
     from PIL import Image
-
-    from models.checkpoint import atomic_dir
 
     with atomic_dir(folder) as tmp:
         (tmp / "samples").mkdir()
@@ -102,14 +101,13 @@ def _write_prompt_folder(folder: Path, row: dict, images) -> None:
 
 @command("sample", help="sample images for a prompt file into GenEval's output layout", configure=configure)
 def run(args: argparse.Namespace) -> int:
+    from argrpo.models.image_tokenizers import load_image_tokenizer
+    from argrpo.models.policy import load_policy
+    from argrpo.models.runtime import resolve_device, set_threads
+    from argrpo.rollout.pool import RolloutConfig, build_rollout_pool
+    from argrpo.rollout.types import SamplingParams
+    from argrpo.rollout.worker import PolicyComponents
     from tqdm import tqdm
-
-    from models.image_tokenizers import load_image_tokenizer
-    from models.policy import load_policy
-    from models.runtime import resolve_device, set_threads
-    from rollout.pool import RolloutConfig, build_rollout_pool
-    from rollout.types import SamplingParams
-    from rollout.worker import PolicyComponents
 
     if args.n < 1 or args.batch_prompts < 1:
         raise SystemExit("argrpo sample: --n and --batch-prompts must be >= 1")

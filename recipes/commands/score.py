@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from recipes.commands import command
+from argrpo.recipes.commands import command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -43,7 +43,7 @@ def _natural_key(path: Path):
 
 def collect_images(images_dir: str | Path, rows: list[dict] | None) -> list[dict]:
     """-> items ``{"path", "index", "row"}`` in a stable order; errors name the folder or file."""
-    from recipes.commands.sample import read_prompt_file
+    from argrpo.recipes.commands.sample import read_prompt_file
 
     root = Path(images_dir)
     if not root.is_dir():
@@ -78,9 +78,8 @@ def collect_images(images_dir: str | Path, rows: list[dict] | None) -> list[dict
 def parse_reward_args(args: argparse.Namespace):
     """-> list of RewardSpec from --config or --reward/--reward-kwargs."""
     import yaml
-
-    from recipes.config import ConfigError, read_yaml
-    from rewards.base import as_specs
+    from argrpo.recipes.config import ConfigError, read_yaml
+    from argrpo.rewards.base import as_specs
 
     if args.config:
         data = read_yaml(args.config)
@@ -140,11 +139,10 @@ def summarize(rows: list[dict], keys: list[str]) -> str:
          configure=configure)
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from argrpo.recipes.commands.sample import read_prompt_file
+    from argrpo.rewards.base import build_reward
     from PIL import Image
     from tqdm import tqdm
-
-    from recipes.commands.sample import read_prompt_file
-    from rewards.base import build_reward
 
     specs = parse_reward_args(args)
     out_dir = Path(args.out) if args.out else Path(args.images) / "scores"
@@ -154,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         rows = read_prompt_file(args.prompts) if args.prompts else None
         items = collect_images(args.images, rows)
         if args.actors:
-            from rewards.pool import RewardPool
-            from rollout.cluster import init_ray
+            from argrpo.rewards.pool import RewardPool
+            from argrpo.rollout.cluster import init_ray
 
             init_ray()
             pool = RewardPool(specs)

@@ -15,12 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from recipes.commands import add_config_args, command, join_ray
+from argrpo.recipes.commands import add_config_args, command, join_ray
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """``["grpo.beta=0,0.04"]`` -> ``{"grpo.beta": [0, 0.04]}`` (values parsed as YAML)."""
-    from recipes.config import ConfigError, parse_value
+    from argrpo.recipes.config import ConfigError, parse_value
 
     grid: dict[str, list] = {}
     for item in items:
@@ -51,10 +51,10 @@ def expand_trials(grid: dict[str, list], seeds: int) -> list[dict]:
 
 def run_trial(config: dict) -> dict:
     """One Tune trial: a whole GRPO run. Returns (and reports) its final and best figures."""
-    from grpo.config import GRPORunConfig
-    from grpo.report import read_metrics
-    from grpo.trainer import train
-    from recipes.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.report import read_metrics
+    from argrpo.grpo.trainer import train
+    from argrpo.recipes.config import load_config
 
     # Tune starts each trial in a directory of its own: relative paths of the config (checkpoints, prompt files)
     # mean what they meant where the sweep was started (same machine, or the same paths on every node)
@@ -92,9 +92,8 @@ def run_trial(config: dict) -> dict:
 def sweep(config_path: str | None, grid: dict[str, list], seeds: int, out_dir: str, base_overrides: list[str],
           cpus_per_trial: float, gpus_per_trial: float, ray_address: str | None = None) -> list[dict]:
     """Run every trial on Ray Tune; return one row per trial (failed trials carry their error)."""
+    from argrpo.rollout.cluster import init_ray
     from ray import tune
-
-    from rollout.cluster import init_ray
 
     init_ray(address=ray_address)
     trials = expand_trials(grid, seeds)
@@ -148,7 +147,7 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def write_sweep_outputs(rows: list[dict], sweep_dir: Path) -> None:
-    from grpo.report import plot_curves, read_metrics
+    from argrpo.grpo.report import plot_curves, read_metrics
 
     (sweep_dir / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
     (sweep_dir / "sweep.md").write_text(sweep_table(rows) + "\n")
@@ -170,7 +169,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 @command("sweep", help="grid sweep of GRPO runs on Ray Tune (table + reward curves)", configure=_configure)
 def run(args) -> int:
-    from recipes.config import ConfigError
+    from argrpo.recipes.config import ConfigError
 
     grid = parse_grid(args.grid)
     if not grid:

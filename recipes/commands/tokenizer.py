@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from data.shapes import ShapesWorld
-from models.image_tokenizers.vq import VQFitConfig
-from recipes.commands import add_config_args, command
+from argrpo.data.shapes import ShapesWorld
+from argrpo.models.image_tokenizers.vq import VQFitConfig
+from argrpo.recipes.commands import add_config_args, command
 
 
 @dataclass
@@ -40,12 +40,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig):
     import json
 
     import numpy as np
+    from argrpo.data.shapes import render_seed
+    from argrpo.models.checkpoint import atomic_dir
+    from argrpo.models.image_tokenizers.vq import VQTokenizer
+    from argrpo.recipes.config import to_dict
     from tqdm import tqdm
-
-    from data.shapes import render_seed
-    from models.checkpoint import atomic_dir
-    from models.image_tokenizers.vq import VQTokenizer
-    from recipes.config import to_dict
 
     specs = cfg.world.make_specs(cfg.split, cfg.n_images, cfg.seed)
     size = cfg.world.image_size
@@ -69,7 +68,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import time
 
-    from recipes.config import load_config
+    from argrpo.recipes.config import load_config
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     start = time.perf_counter()

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from rewards.base import to_pil
-from rewards.detectors.base import Detection, register_detector
+from argrpo.rewards.base import to_pil
+from argrpo.rewards.detectors.base import Detection, register_detector
 
 
 @register_detector("owlv2")
@@ -28,9 +27,8 @@ class Owlv2Detector:
     def __init__(self, path: str, device: str = "auto", dtype: Any = "float32", threshold: float = 0.05,
                  query_template: str = "a photo of a {}", batch_size: int = 4, max_boxes: int = 100):
         import torch
+        from argrpo.rewards.clip import _device, resolve_dtype
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
-
-        from rewards.clip import _device, resolve_dtype
 
         self.device = _device(device)
         self.dtype = resolve_dtype(dtype)

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from data.shapes import ShapesWorld, shape_mask
-from rewards.detectors.base import Detection, register_detector
+from argrpo.data.shapes import ShapesWorld, shape_mask
+from argrpo.rewards.detectors.base import Detection, register_detector
 
 
 def _as_images(images) -> np.ndarray:

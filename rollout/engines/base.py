@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-
-from rollout.types import Rollout, SamplingParams
+from argrpo.rollout.types import Rollout, SamplingParams
 
 
 class RolloutEngine(Protocol):

@@ -53,9 +53,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-from rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
-from rollout.types import Rollout, SamplingParams
+from argrpo.rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
+from argrpo.rollout.types import Rollout, SamplingParams
 
 DEFAULT_WINDOW = 16
 DEFAULT_COPY_LEFT = 0.5
@@ -274,7 +273,7 @@ class _JacobiBatch:
 
     def __init__(self, engine, sampling: SamplingParams, window: int, init: str, rule: str, stats: JacobiStats,
                  couple: bool = True, copy_left: float = 0.0, copy_up: float = 0.0):
-        from rollout.engines.torch_engine import _unwrap
+        from argrpo.rollout.engines.torch_engine import _unwrap
 
         self.engine, self.sampling, self.W, self.init, self.rule, self.stats = engine, sampling, window, init, rule, stats
         self.couple, self.copy_left, self.copy_up = couple, float(copy_left), float(copy_up)

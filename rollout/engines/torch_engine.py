@@ -19,11 +19,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from models.layout import TokenLayout
-from rollout.engines.base import encode_prompts, register_engine
-from rollout.sampling import draw_uniforms, resolve_seed, sample_step
-from rollout.types import Rollout, SamplingParams
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout.engines.base import encode_prompts, register_engine
+from argrpo.rollout.sampling import draw_uniforms, resolve_seed, sample_step
+from argrpo.rollout.types import Rollout, SamplingParams
 
 _GQA_DECODE_ATTENTION = "argrpo_sdpa_gqa_decode"
 
@@ -214,7 +213,7 @@ class TorchEngine:
         Row ``r`` uses seed ``sampling.seed + r``.
         """
         if sampling.jacobi:
-            from rollout.engines.jacobi import jacobi_generate
+            from argrpo.rollout.engines.jacobi import jacobi_generate
 
             return jacobi_generate(self, prompt_ids, sampling)
         t0 = time.perf_counter()

@@ -42,11 +42,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-
-from models.layout import TokenLayout
-from rollout.engines.base import encode_prompts, register_engine
-from rollout.sampling import resolve_seed
-from rollout.types import Rollout, SamplingParams
+from argrpo.models.layout import TokenLayout
+from argrpo.rollout.engines.base import encode_prompts, register_engine
+from argrpo.rollout.sampling import resolve_seed
+from argrpo.rollout.types import Rollout, SamplingParams
 
 _GiB = 1 << 30
 
@@ -270,9 +269,8 @@ class VLLMEngine:
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _build_llm(self):
+        from argrpo.rollout.engines.vllm_processors import VisualCFGLogitsProcessor
         from vllm import LLM
-
-        from rollout.engines.vllm_processors import VisualCFGLogitsProcessor
 
         o = self.options
         on_gpu = torch.cuda.is_available()
@@ -379,9 +377,8 @@ class VLLMEngine:
         )
 
     def _vllm_params(self, sampling: SamplingParams, role: str, pair: int, seed: int | None):
+        from argrpo.rollout.engines.vllm_processors import EXTRA_KEY
         from vllm import SamplingParams as VSamplingParams
-
-        from rollout.engines.vllm_processors import EXTRA_KEY
 
         return VSamplingParams(
             max_tokens=self.layout.n_image_tokens,
@@ -575,7 +572,7 @@ class VLLMEngine:
     def _encode(self, caption: str) -> list[int]:
         """A caption -> prompt ids through the layout's template, as the workers encode conditional prompts."""
         if self.tokenizer is None:
-            from models.text_tokenizer import load_text_tokenizer
+            from argrpo.models.text_tokenizer import load_text_tokenizer
 
             where = self._tokenizer_dir or self.checkpoint
             try:
@@ -786,7 +783,7 @@ def _export_model(model, path: Path) -> tuple[Path, tuple[dict, dict] | None]:
 
 def _resolve_checkpoint(path: Path, layout: TokenLayout | None):
     """A checkpoint dir -> (dir vLLM loads, layout, initial adapter or None), reading argrpo.json when present."""
-    from models.policy import read_policy_meta
+    from argrpo.models.policy import read_policy_meta
 
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")

@@ -37,10 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from argrpo.rollout.sampling import final_logprobs
+from argrpo.rollout.types import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-from rollout.sampling import final_logprobs
-from rollout.types import SamplingParams
 
 EXTRA_KEY = "argrpo"
 ROLES = ("solo", "cond", "uncond")
