@@ -85,7 +85,7 @@ def _timed(fn, repeats: int):
 
 
 def scale_workers(cfg, prompts, G: int, counts: list[int], repeats: int, own_session: bool = True) -> list[dict]:
-    from argrpo.rollout.cluster import init_ray
+    from argrpo.cluster import init_ray
     from argrpo.rollout.pool import RolloutConfig, RolloutPool
     from argrpo.rollout.types import SamplingParams
 

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     isolate = args.isolate and args.workers > 0
     if isolate:
-        from argrpo.rollout.cluster import init_ray
+        from argrpo.cluster import init_ray
 
         ray = init_ray(num_cpus=max(2, len(os.sched_getaffinity(0))))
         address = ray.get_runtime_context().gcs_address

@@ -124,7 +124,7 @@ def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_confi
 
     funcs, weights = [], []
     if actors:
-        from argrpo.rollout.cluster import init_ray
+        from argrpo.cluster import init_ray
 
         init_ray()
         shared = _PooledScores(specs, pool_config)

@@ -18,9 +18,18 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+from argrpo.cluster import (
+    Placement,
+    check_cluster_offers,
+    custom_resources_field,
+    placement_field,
+    scheduling_options,
+    validate_custom_resources,
+    validate_placement,
+)
 from argrpo.rewards.base import (
     Normalize,
     Reward,
@@ -36,12 +45,6 @@ from argrpo.rewards.base import (
     check_output,
     describe_batch,
 )
-from argrpo.rollout.cluster import (
-    check_cluster_offers,
-    scheduling_options,
-    validate_custom_resources,
-    validate_placement,
-)
 
 
 @dataclass
@@ -49,7 +52,7 @@ class RewardPoolConfig:
     """Placement and fault tolerance of the reward actors.
 
     On a multi-node Ray cluster, ``custom_resources`` and ``placement`` say which nodes the actors may use and how
-    they spread (see rollout.cluster); ``resources`` overrides any of num_cpus / num_gpus / threads /
+    they spread (see argrpo.cluster); ``resources`` overrides any of num_cpus / num_gpus / threads /
     custom_resources for one reward.
     """
 
@@ -64,14 +67,8 @@ class RewardPoolConfig:
                                                        "models), or for Ray to bring a dead one back"})
     resources: dict = field(default_factory=dict,
                             metadata={"help": "per-reward overrides, e.g. {hps: {num_gpus: 0.5}}"})
-    custom_resources: dict[str, float] = field(
-        default_factory=dict,
-        metadata={"help": "Ray custom resources each reward actor reserves, e.g. {reward_node: 1} to run only on "
-                          "nodes started with `ray start --resources '{\"reward_node\": N}'`"})
-    placement: Literal["pack", "spread"] = field(
-        default="pack",
-        metadata={"help": "pack: Ray's default scheduler (the driver's node first); spread: Ray's SPREAD strategy, "
-                          "reward actors round the nodes that have room"})
+    custom_resources: dict[str, float] = custom_resources_field("reward actor", "reward_node")
+    placement: Placement = placement_field("reward actors")
 
     def __post_init__(self):
         if self.num_cpus < 0 or self.num_gpus < 0:
@@ -150,7 +147,7 @@ class RewardPool(Reward):
 
         super().__init__(name)
         if not ray.is_initialized():
-            raise RuntimeError("RewardPool needs a running Ray (rollout.cluster.init_ray)")
+            raise RuntimeError("RewardPool needs a running Ray (argrpo.cluster.init_ray)")
         self.config = config or RewardPoolConfig()
         if isinstance(rewards, Mapping) and all(callable(v) for v in rewards.values()):
             entries = [(k, None, fn, 1.0) for k, fn in rewards.items()]

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from argrpo.rollout.cluster import (
+from argrpo.cluster import (
+    Placement,
     check_cluster_offers,
+    custom_resources_field,
+    placement_field,
     scheduling_options,
     validate_custom_resources,
     validate_placement,
@@ -52,14 +55,8 @@ class RolloutConfig:
     max_batch_rows: int | None = field(
         default=None, metadata={"help": "most samples per forward batch in one worker (None = all at once)"}
     )
-    custom_resources: dict[str, float] = field(
-        default_factory=dict,
-        metadata={"help": "Ray custom resources each actor reserves, e.g. {rollout: 1} to run only on nodes started "
-                          "with `ray start --resources '{\"rollout\": N}'` (N actors fit on such a node)"})
-    placement: Literal["pack", "spread"] = field(
-        default="pack",
-        metadata={"help": "pack: Ray's default scheduler (the driver's node first, others once it is about half "
-                          "used); spread: Ray's SPREAD strategy, actors round the nodes that have room"})
+    custom_resources: dict[str, float] = custom_resources_field("rollout actor", "rollout")
+    placement: Placement = placement_field("rollout actors")
     max_restarts: int = field(default=3, metadata={"help": "times Ray may restart a dead rollout actor"})
     max_task_retries: int = field(default=3, metadata={"help": "times Ray retries a call on a restarted actor"})
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"help": "rollout sampling settings"})
@@ -132,7 +129,7 @@ class RolloutPool:
         import ray
 
         if not ray.is_initialized():
-            from argrpo.rollout.cluster import init_ray
+            from argrpo.cluster import init_ray
 
             init_ray()
         self.config = config = config or RolloutConfig()

@@ -32,7 +32,7 @@ def _threads():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster on CPU, shared by the tests that need one."""
-    from argrpo.rollout.cluster import init_ray, shutdown_ray
+    from argrpo.cluster import init_ray, shutdown_ray
 
     init_ray(num_cpus=4)
     yield

@@ -26,10 +26,10 @@ def main(workdir: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     import ray
+    from argrpo.cluster import init_ray
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import build_run
     from argrpo.recipes.config import load_config
-    from argrpo.rollout.cluster import init_ray
     from grpo_fixtures import build_world, run_overrides
     from ray.cluster_utils import Cluster
 

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from argrpo.cluster import scheduling_options
 from argrpo.rewards.pool import RewardPoolConfig
-from argrpo.rollout.cluster import scheduling_options
 from argrpo.rollout.pool import RolloutConfig
 
 TESTS = Path(__file__).resolve().parent

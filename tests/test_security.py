@@ -189,7 +189,7 @@ def test_checkpoints_hold_safetensors_and_resume_never_unpickles(world, tmp_path
 RAY_PROBE = textwrap.dedent("""
     import json, os, sys, time
     import psutil
-    from argrpo.rollout.cluster import init_ray
+    from argrpo.cluster import init_ray
 
     ray = init_ray(num_cpus=1)
 

@@ -60,7 +60,7 @@ def join_ray(address: str | None, command_name: str) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         return None
-    from argrpo.rollout.cluster import init_ray
+    from argrpo.cluster import init_ray
 
     try:
         init_ray(address)

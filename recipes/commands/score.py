@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         rows = read_prompt_file(args.prompts) if args.prompts else None
         items = collect_images(args.images, rows)
         if args.actors:
+            from argrpo.cluster import init_ray
             from argrpo.rewards.pool import RewardPool
-            from argrpo.rollout.cluster import init_ray
 
             init_ray()
             pool = RewardPool(specs)

@@ -92,7 +92,7 @@ def run_trial(config: dict) -> dict:
 def sweep(config_path: str | None, grid: dict[str, list], seeds: int, out_dir: str, base_overrides: list[str],
           cpus_per_trial: float, gpus_per_trial: float, ray_address: str | None = None) -> list[dict]:
     """Run every trial on Ray Tune; return one row per trial (failed trials carry their error)."""
-    from argrpo.rollout.cluster import init_ray
+    from argrpo.cluster import init_ray
     from ray import tune
 
     init_ray(address=ray_address)

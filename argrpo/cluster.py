@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import field
+from typing import Literal
 
 PLACEMENTS = ("pack", "spread")
+Placement = Literal["pack", "spread"]
 # Ray refuses these in ``resources=`` (they have their own actor options)
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
@@ -94,6 +97,22 @@ def validate_custom_resources(resources: Mapping, where: str) -> dict[str, float
             raise ValueError(f"{where}: {name!r} must be a positive number, got {amount!r}")
         out[name] = float(amount)
     return out
+
+
+def custom_resources_field(actor: str, example: str):
+    """A config field: the Ray custom resources each ``actor`` reserves (``example`` names a node label)."""
+    return field(
+        default_factory=dict,
+        metadata={"help": f"Ray custom resources each {actor} reserves, e.g. {{{example}: 1}} to run only on nodes "
+                          f"started with `ray start --resources '{{\"{example}\": N}}'` (N such actors fit on a node)"})
+
+
+def placement_field(actors: str):
+    """A config field: how ``actors`` spread over the nodes of a Ray cluster."""
+    return field(
+        default="pack",
+        metadata={"help": "pack: Ray's default scheduler (the driver's node first, others once it is about half "
+                          f"used); spread: Ray's SPREAD strategy, {actors} round the nodes that have room"})
 
 
 def validate_placement(placement: str, where: str) -> str:
