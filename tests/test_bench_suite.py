@@ -35,8 +35,16 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
     assert any(x.startswith("- collected on:") for x in lines)
     assert any(x.startswith("- versions:") and "torch" in x and "trl" in x and "ray" in x for x in lines)
     assert any(x.startswith("- date:") for x in lines)
-    assert sum(1 for x in lines if x.startswith("|---")) == 1  # exactly one table
-    rows = [x for x in lines if x.startswith("| ")][1:]
+    assert sum(1 for x in lines if x.startswith("|---")) == 2  # the headline table, then every figure
+    head = lines.index("## Headline")
+    assert head < lines.index("## Every figure")
+    headline = lines[head:lines.index("## Every figure")]
+    # a headline figure comes from its benchmark's rows; one without a result file says so
+    assert any("async / sync step time" in x and "0.6" in x and "| yes |" in x for x in headline)
+    assert any("LoRA / full" in x and "0.7" in x and "| NO |" in x for x in headline)
+    assert any(x.startswith("| rollout: torch engine / HF generate") and "not measured yet" in x for x in headline)
+    all_rows = lines[lines.index("## Every figure"):]
+    rows = [x for x in all_rows if x.startswith("| ")][1:]
     step = next(r for r in rows if "async / sync step time" in r)
     assert "0.6" in step and "<= 0.7" in step and "| yes |" in step
     mem = next(r for r in rows if "LoRA / full peak RSS" in r)
@@ -44,7 +52,7 @@ def test_collect_makes_one_table_with_targets_and_environment(tmp_path):
     assert any("mystery" in r and "widgets >= 2" in r for r in rows)  # unknown benchmarks still appear
     assert any("broken" in r and "unreadable" in r for r in rows)
     cpu = _short_cpu(environment(1)["cpu"])
-    assert lines[[i for i, x in enumerate(lines) if x.startswith("| benchmark")][0]].rstrip().endswith("| cpu |")
+    assert next(x for x in lines if x.startswith("| benchmark")).rstrip().endswith("| cpu |")
     assert cpu in step  # each row names the machine that measured it
 
 
