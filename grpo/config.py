@@ -121,11 +121,12 @@ class GRPOSection:
         default=None, metadata={"help": "drop negative-advantage sequences whose KL to the sampler exceeds this"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "importance-weight the KL term"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the learner"})
-    skip_zero_advantage: bool = field(
-        default=False,
+    skip_zero_advantage: bool | Literal["auto"] = field(
+        default="auto",
         metadata={"help": "learn only on completions whose advantage is nonzero (argrpo's, not TRL's): a group whose "
                           "rewards all tie adds no policy gradient when beta and entropy_coef are 0, so its forward "
-                          "and backward are skipped; each micro-batch then holds fewer completions"})
+                          "and backward are skipped; each micro-batch then holds fewer completions. auto: on exactly "
+                          "when beta and entropy_coef are 0; true with either term set is an error"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     trl: dict = field(default_factory=dict, metadata={"help": "any other GRPOConfig field, passed through"})
 
@@ -155,10 +156,19 @@ class GRPOSection:
             raise ValueError(f"grpo.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(f"grpo.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
-        if self.skip_zero_advantage and (self.beta or self.entropy_coef):
+        if self.skip_zero_advantage is True and (self.beta or self.entropy_coef):
             raise ValueError("grpo.skip_zero_advantage needs grpo.beta = 0 and grpo.entropy_coef = 0: the KL and "
-                             "entropy terms give zero-advantage completions a gradient too")
+                             "entropy terms give zero-advantage completions a gradient too (auto, the default, "
+                             "turns it on only where it is valid)")
         check_trl_passthrough(self.trl)
+
+    @property
+    def skips_zero_advantage(self) -> bool:
+        """Whether zero-advantage completions are left out of the learner's batches (``auto`` resolved)."""
+        if self.skip_zero_advantage == "auto":
+            # with a KL or entropy term a tied group still has a gradient, so skipping it would change the loss
+            return not (self.beta or self.entropy_coef)
+        return bool(self.skip_zero_advantage)
 
     @property
     def generation_batch_size(self) -> int:
