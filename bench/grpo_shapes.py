@@ -22,9 +22,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "shapes" 
 def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str, eval_every: int,
             overrides: list[str]) -> dict:
     import torch
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import train
-    from argrpo.recipes.config import load_config
 
     sets = [f"output_dir={out}", f"policy.checkpoint={sft}", f"seed={seed}", f"rollout.mode={mode}",
             f"budget_minutes={budget}", f"budget_clock={clock}",
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
                    help="only combine these result files (same SFT) into --name's table and curves")
     args = p.parse_args(argv)
 
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
-    from argrpo.recipes.config import load_config
 
     if args.merge:
         return merge(args)

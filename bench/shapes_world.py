@@ -58,11 +58,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 
+    from argrpo.config import load_config
     from argrpo.data.shapes import TAGS, ShapesWorld, blur_and_noise, perturb_spec
+    from argrpo.data.shapes_detector import ShapesDetector
     from argrpo.models.runtime import set_threads
     from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
-    from argrpo.recipes.config import load_config
-    from argrpo.rewards.detectors.shapes import ShapesDetector
     from argrpo.rewards.geneval import score_batch
 
     threads = set_threads(args.threads)

@@ -179,9 +179,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from argrpo.cluster import init_ray, shutdown_ray
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import build_run
-    from argrpo.recipes.config import load_config
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-soak-"))
     work.mkdir(parents=True, exist_ok=True)

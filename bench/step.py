@@ -82,9 +82,9 @@ def prepare_policy(root: Path, size: str, patch: int, seed: int = 0) -> Path:
 
 def run_mode(policy: Path, out: Path, mode: str, cfg: StepConfig, workers: int, extra: list[str]) -> dict:
     """Train ``cfg.steps`` steps in ``mode``; returns per-step metrics rows and the run summary."""
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import train
-    from argrpo.recipes.config import load_config
 
     sets = {
         "output_dir": str(out), "seed": 0, "threads": 1, "policy.checkpoint": str(policy),

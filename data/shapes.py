@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 # GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged
+from argrpo.rewards.detectors.base import Detection
 from argrpo.rewards.geneval import relative_position
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -108,11 +109,9 @@ def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
     return SHAPE_MASKS[shape](int(w), int(h if h is not None else w))
 
 
-def record_detections(record: dict) -> list:
+def record_detections(record: dict) -> list[Detection]:
     """The renderer's record as perfect detections (score 1), to judge renders against specs with GenEval's rules
     (``rewards.geneval.score_image``)."""
-    from argrpo.rewards.detectors.base import Detection
-
     return [Detection(o["class"], 1.0, tuple(o["box"]), o["color"]) for o in record["objects"]]
 
 

@@ -215,7 +215,7 @@ def _as_specs(prompts) -> list[dict]:
 
 
 def _settings(cfg, overrides: dict) -> EvalSettings:
-    from argrpo.recipes.config import from_dict, to_dict
+    from argrpo.config import from_dict, to_dict
 
     if cfg is None:
         return from_dict(EvalSettings, overrides, source="evaluate()")

@@ -358,7 +358,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
         layout=layout,
         correction=cfg.correction if cfg.use_correction else None,
         stats=stats,
-        skip_zero_advantage=cfg.grpo.skips_zero_advantage,
+        skip_zero_advantage=cfg.grpo.skip_zero_advantage,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -368,7 +368,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     run = GRPORun(cfg, trainer, pool, source, sync, stats, layout, tokenizer, loaded.image_tokenizer_path,
                   base_model_path, callbacks)
     if cfg.checkpoint.every:
-        from argrpo.recipes.config import to_dict
+        from argrpo.config import to_dict
 
         callbacks["checkpoints"] = cb.Checkpointer(
             trainer, out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, stats,
@@ -462,9 +462,9 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
         if ckpt is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
         else:  # before anything is built or started: a checkpoint of another run is refused by name
+            from argrpo.config import to_dict
             from argrpo.models.layout import TokenLayout
             from argrpo.models.policy import read_policy_meta
-            from argrpo.recipes.config import to_dict
 
             meta = read_policy_meta(cfg.policy.checkpoint) if cfg.policy.checkpoint else None
             layout = TokenLayout.from_dict(meta["layout"]) if meta else None

@@ -11,10 +11,12 @@ and an image is exactly ``grid_h * grid_w`` visual tokens after the prompt (rast
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from argrpo.registry import Registry
 
 SIMPLEAR_SPECIAL_TOKENS = ("<|t2i|>", "<|i2t|>", "<|soi|>", "<|vtokens|>", "<|t2v|>", "<|v2t|>", "<|sov|>")
 SHAPES_SPECIAL_TOKENS = ("<|pad|>", "<|t2i|>", "<|soi|>", "<|eoi|>")
@@ -161,27 +163,25 @@ class TokenLayout:
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------
-_PRESETS = {}
-
-
-def register_preset(name: str):
-    def deco(fn):
-        if name in _PRESETS:
-            raise ValueError(f"layout preset {name!r} already registered")
-        _PRESETS[name] = fn
-        return fn
-
-    return deco
+LAYOUT_PRESETS: Registry[Callable[..., TokenLayout]] = Registry("layout preset")
+register_preset = LAYOUT_PRESETS.register
 
 
 def layout_preset(name: str, **kwargs) -> TokenLayout:
-    if name not in _PRESETS:
-        raise KeyError(f"unknown layout preset {name!r}; known: {sorted(_PRESETS)}")
-    return _PRESETS[name](**kwargs)
+    """The layout of preset ``name`` built with ``kwargs``; an unknown name raises ``KeyError`` listing the known."""
+    return LAYOUT_PRESETS.lookup(name)(**kwargs)
 
 
 def layout_presets() -> list[str]:
-    return sorted(_PRESETS)
+    return LAYOUT_PRESETS.names()
+
+
+def _visual_after_text(name: str, text_vocab_size: int, codebook_size: int, grid, image_size, **template) -> TokenLayout:
+    """What every preset shares: visual ids start right after the text vocabulary; the unconditional caption is
+    empty. ``template``: the preset's ``special_tokens``, ``prompt_template`` and optional ``eoi_token``."""
+    return TokenLayout(name=name, text_vocab_size=text_vocab_size, visual_offset=text_vocab_size,
+                       codebook_size=codebook_size, grid=tuple(grid), image_size=tuple(image_size), uncond_caption="",
+                       **template)
 
 
 @register_preset("simplear")
@@ -190,31 +190,13 @@ def simplear_layout(text_vocab_size: int, codebook_size: int = 64000, grid=(64, 
 
     ``text_vocab_size`` is ``len(tokenizer)`` including the 7 added special tokens.
     """
-    return TokenLayout(
-        name="simplear",
-        text_vocab_size=text_vocab_size,
-        visual_offset=text_vocab_size,
-        codebook_size=codebook_size,
-        grid=tuple(grid),
-        image_size=tuple(image_size),
-        special_tokens=SIMPLEAR_SPECIAL_TOKENS,
-        prompt_template="<|t2i|>{caption}<|soi|>",
-        uncond_caption="",
-    )
+    return _visual_after_text("simplear", text_vocab_size, codebook_size, grid, image_size,
+                              special_tokens=SIMPLEAR_SPECIAL_TOKENS, prompt_template="<|t2i|>{caption}<|soi|>")
 
 
 @register_preset("shapes")
 def shapes_layout(text_vocab_size: int, codebook_size: int, grid=(8, 8), image_size=(64, 64)):
     """The embedded shapes world: a word-level tokenizer, 64x64 images as an 8x8 grid of codes."""
-    return TokenLayout(
-        name="shapes",
-        text_vocab_size=text_vocab_size,
-        visual_offset=text_vocab_size,
-        codebook_size=codebook_size,
-        grid=tuple(grid),
-        image_size=tuple(image_size),
-        special_tokens=SHAPES_SPECIAL_TOKENS,
-        prompt_template="<|t2i|> {caption} <|soi|>",
-        uncond_caption="",
-        eoi_token="<|eoi|>",
-    )
+    return _visual_after_text("shapes", text_vocab_size, codebook_size, grid, image_size,
+                              special_tokens=SHAPES_SPECIAL_TOKENS, prompt_template="<|t2i|> {caption} <|soi|>",
+                              eoi_token="<|eoi|>")

@@ -7,8 +7,8 @@ import importlib
 import pkgutil
 import sys
 
+from argrpo.config import ConfigError
 from argrpo.recipes import commands as _commands
-from argrpo.recipes.config import ConfigError
 
 
 def _load_commands() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from argrpo.registry import Registry
 
 # Keys TRL passes to reward functions that are not sample metadata.
 TRL_CONTROL_KEYS = ("completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
@@ -277,10 +277,9 @@ class FunctionReward(Reward):
 
 # --------------------------------------------------------------------------------------------------- registry
 
-REWARDS: dict[str, Callable[..., Any]] = {}
-
-# Modules whose import registers the built-in rewards; imported on first lookup so `import rewards` stays light.
-_BUILTIN_MODULES = ("argrpo.rewards.clip", "argrpo.rewards.preference", "argrpo.rewards.aesthetic", "argrpo.rewards.geneval")
+# Built-in rewards register themselves when their module is imported, on first lookup, so `import rewards` stays light.
+REWARDS: Registry[Callable[..., Any]] = Registry("reward", plugins=True, builtins=(
+    "argrpo.rewards.clip", "argrpo.rewards.preference", "argrpo.rewards.aesthetic", "argrpo.rewards.geneval"))
 
 
 def register_reward(name: str):
@@ -290,45 +289,15 @@ def register_reward(name: str):
     """
 
     def deco(obj):
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
         if not callable(obj):
             raise TypeError(f"reward {name!r}: can only register a class or a factory function, got {obj!r}")
-        REWARDS[name] = obj
-        return obj
+        return REWARDS.add(name, obj)
 
     return deco
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a dependency of a built-in is missing: say so instead of hiding the reward
-                raise
-
-
 def available_rewards() -> list[str]:
-    _load_builtins()
-    return sorted(REWARDS)
-
-
-def import_object(path: str) -> Any:
-    """``package.module:attr`` -> the attribute. The module is imported, so this runs the user's code by design."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r}: expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    return REWARDS.names()
 
 
 def build_reward(spec: str | Callable, name: str | None = None, **kwargs: Any) -> Reward:
@@ -339,19 +308,14 @@ def build_reward(spec: str | Callable, name: str | None = None, **kwargs: Any) -
     checks, ``__name__`` for TRL). ``name`` overrides the reward's display name.
     """
     if isinstance(spec, str) and ":" in spec:
-        obj = import_object(spec)
+        obj = REWARDS.lookup(spec)
         if not callable(obj):
             raise ValueError(f"reward {spec!r}: {obj!r} is not callable")
         if inspect.isclass(obj):
             return _as_reward(obj(**kwargs), name or spec.rpartition(":")[2])
         return FunctionReward(obj, name=name, **kwargs)
     if isinstance(spec, str):
-        if spec not in REWARDS:
-            _load_builtins()
-        if spec not in REWARDS:
-            raise ValueError(f"unknown reward {spec!r}; registered: {sorted(REWARDS)} "
-                             f"(or name a plugin as 'package.module:function')")
-        return _as_reward(REWARDS[spec](**kwargs), name or spec)
+        return _as_reward(REWARDS.lookup(spec)(**kwargs), name or spec)
     if isinstance(spec, Reward):
         if kwargs:
             raise ValueError(f"reward {spec!r} is already built; cannot apply {sorted(kwargs)}")

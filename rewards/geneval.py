@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from argrpo.rewards.base import Reward, RewardError, RewardOutput, import_object, register_reward
+from argrpo.rewards.base import Reward, RewardError, RewardOutput, register_reward
 from argrpo.rewards.detectors.base import DETECTORS, Detection
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -269,24 +269,15 @@ def score_batch(specs: Sequence[Mapping | str], detections: Sequence[Sequence[De
 
 
 def build_detector(spec: str | Callable, **kwargs: Any):
-    """A registered detector name (its module ``rewards.detectors.<name>`` is imported on demand),
-    ``package.module:Class``, or an already-built detector."""
+    """A registered detector name (its built-in module is imported on demand), ``package.module:Class``, or an
+    already-built detector."""
     if callable(spec) and not isinstance(spec, str) and not isinstance(spec, type):
         if kwargs:
             raise ValueError("detector is already built; drop detector_kwargs")
         return spec
-    if isinstance(spec, str) and ":" in spec:
-        return import_object(spec)(**kwargs)
-    if isinstance(spec, str) and spec not in DETECTORS:
-        import importlib
-
-        try:
-            importlib.import_module(f"argrpo.rewards.detectors.{spec}")
-        except ImportError:
-            pass
-    if spec not in DETECTORS:
-        raise ValueError(f"unknown detector {spec!r}; registered: {sorted(DETECTORS)}")
-    return DETECTORS[spec](**kwargs)
+    if isinstance(spec, type):
+        return spec(**kwargs)
+    return DETECTORS.lookup(spec)(**kwargs)
 
 
 class GenEvalReward(Reward):

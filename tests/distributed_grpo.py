@@ -44,8 +44,8 @@ class Recorder:
 
 def main(world_json: str, out_dir: str) -> None:
     import argrpo.grpo.trainer as gt
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
-    from argrpo.recipes.config import load_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from grpo_fixtures import run_overrides

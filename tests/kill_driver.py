@@ -52,7 +52,7 @@ class Stage:
             from argrpo.grpo.lm_stage import PretrainConfig as cls
 
             self.ckroot, self.prefix = out, "checkpoint-"
-        from argrpo.recipes.config import load_config
+        from argrpo.config import load_config
 
         self.cfg = load_config(cls, None, spec["overrides"] + [f"output_dir={out}"])
 

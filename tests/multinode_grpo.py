@@ -27,9 +27,9 @@ def main(workdir: str) -> dict:
 
     import ray
     from argrpo.cluster import init_ray
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import build_run
-    from argrpo.recipes.config import load_config
     from grpo_fixtures import build_world, run_overrides
     from ray.cluster_utils import Cluster
 

@@ -14,10 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from argrpo.config import load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.trainer import train
 from argrpo.recipes.cli import main as argrpo
-from argrpo.recipes.config import load_config
 from argrpo.rewards.base import RewardError
 from grpo_fixtures import run_overrides, shared_world
 

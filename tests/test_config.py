@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 
 import pytest
-from argrpo.recipes.config import ConfigError, describe, load_config
+from argrpo.config import ConfigError, describe, load_config
 
 
 @dataclass

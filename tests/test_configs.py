@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 import pytest
-from argrpo.recipes.config import load_config
+from argrpo.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "recipes" / "configs"

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 import torch
+from argrpo.config import load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.trainer import build_run
-from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 
 G = 4

@@ -65,10 +65,10 @@ def test_both_ranks_end_with_the_same_changed_weights(two_process_run):
 
 def test_every_group_of_every_step_is_scored_exactly_once(two_process_run, monkeypatch):
     world, _, ranks = two_process_run
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.prompts import load_prompts, prompt_stream
     from argrpo.grpo.trainer import generations_needed
-    from argrpo.recipes.config import load_config
 
     monkeypatch.setenv("WORLD_SIZE", str(NPROC))  # the config the ranks saw
     cfg = load_config(GRPORunConfig, None, run_overrides(world, Path("unused"), **{
@@ -102,9 +102,9 @@ def test_split_rollouts_equal_one_process_sampling_the_whole_generation(two_proc
     """Completion i of a generation has seed base + i wherever it is sampled: the step-0 samples of both ranks,
     concatenated, are what one pool sampling all P prompts x G returns."""
     world, _, ranks = two_process_run
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.rollouts import RolloutSource
-    from argrpo.recipes.config import load_config
     from argrpo.rollout.pool import LocalRolloutPool, RolloutConfig
 
     monkeypatch.setenv("WORLD_SIZE", str(NPROC))
@@ -122,9 +122,9 @@ def test_split_rollouts_equal_one_process_sampling_the_whole_generation(two_proc
 def test_several_processes_with_ray_actors_need_a_shared_cluster(monkeypatch, tmp_path):
     """Each learner process would otherwise start its own local Ray and overbook the machine."""
     import ray
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import build_run
-    from argrpo.recipes.config import load_config
 
     world = shared_world()
     monkeypatch.setenv("WORLD_SIZE", str(NPROC))

@@ -6,9 +6,9 @@ import json
 from collections import Counter
 
 import pytest
+from argrpo.config import ConfigError, load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.prompts import prompt_stream, weight_by_tag
-from argrpo.recipes.config import ConfigError, load_config
 from grpo_fixtures import run_overrides, shared_world
 
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from argrpo.config import load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.trainer import build_run, keep_nonzero_advantage, train
-from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
 

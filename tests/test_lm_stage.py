@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from argrpo.config import ConfigError, load_config
 from argrpo.data.shapes import ShapesWorld
 from argrpo.grpo.lm_stage import (
     CodesCollator,
@@ -19,7 +20,6 @@ from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.models.layout import layout_preset
 from argrpo.models.policy import build_policy, load_policy
 from argrpo.models.text_tokenizer import build_text_tokenizer
-from argrpo.recipes.config import ConfigError, load_config
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 

@@ -54,7 +54,7 @@ def test_placement_settings_validate_and_map_to_ray_options():
         RewardPoolConfig(resources={"clip": {"custom_resources": {"x": -1}}})
     with pytest.raises(ValueError, match="reward pool: placement"):
         RewardPoolConfig(placement="everywhere")
-    from argrpo.recipes.config import describe
+    from argrpo.config import describe
 
     for key in ("custom_resources", "placement"):
         assert key in describe(RolloutConfig) and key in describe(RewardPoolConfig)

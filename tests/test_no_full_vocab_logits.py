@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from argrpo.config import load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.lm_stage import CodesCollator, visual_lm_loss
 from argrpo.grpo.trainer import build_run
 from argrpo.models.policy import load_policy
-from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

@@ -267,7 +267,7 @@ def test_simplear_too_small_vocab_is_clear(tmp_path):
 
 
 def test_policy_config_and_factory(tmp_path, tok, layout):
-    from argrpo.recipes.config import ConfigError, describe, load_config
+    from argrpo.config import ConfigError, describe, load_config
 
     cfg = load_config(PolicyConfig, None, ["size=tiny", "lora.enabled=true", "lora.r=4"])
     assert cfg.lora.r == 4 and isinstance(cfg.lora.target_modules, tuple)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from argrpo.config import load_config
 from argrpo.grpo.config import GRPORunConfig
 from argrpo.grpo.trainer import build_run, train
-from argrpo.recipes.config import load_config
 from grpo_fixtures import run_overrides, shared_world
 from transformers import TrainerCallback
 

@@ -113,7 +113,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 
 def test_plugin_from_yaml_config(plugin_dir):
-    from argrpo.recipes.config import load_config
+    from argrpo.config import load_config
 
     @dataclasses.dataclass
     class Cfg:

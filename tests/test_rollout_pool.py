@@ -171,7 +171,7 @@ def test_rollout_config_validates():
         RolloutConfig(num_workers=-1)
     with pytest.raises(ValueError, match="mode"):
         RolloutConfig(mode="sometimes")
-    from argrpo.recipes.config import describe
+    from argrpo.config import describe
 
     assert "num_cpus_per_worker" in describe(RolloutConfig)
 

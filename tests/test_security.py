@@ -148,10 +148,10 @@ def world():
 
 
 def test_checkpoints_hold_safetensors_and_resume_never_unpickles(world, tmp_path, monkeypatch):
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import train
     from argrpo.models.policy import load_policy
-    from argrpo.recipes.config import load_config
 
     monkeypatch.syspath_prepend(str(world["plugins"]))
     kw = {"grpo.max_steps": 1, "checkpoint.every": 1, "checkpoint.save_final": True}

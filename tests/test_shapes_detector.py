@@ -17,9 +17,9 @@ from argrpo.data.shapes import (
     perturb_spec,
     shape_mask,
 )
+from argrpo.data.shapes_detector import ShapesDetector, connected_components
 from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.rewards.detectors.base import DETECTORS, Detection
-from argrpo.rewards.detectors.shapes import ShapesDetector, connected_components
 from argrpo.rewards.geneval import score_image
 from PIL import Image
 

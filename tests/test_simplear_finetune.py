@@ -56,9 +56,9 @@ def test_convert_sample_and_grpo(release, tmp_path, monkeypatch):
     plugins.mkdir()
     (plugins / "user_rewards.py").write_text(PLUGIN_SOURCE)
     monkeypatch.syspath_prepend(str(plugins))
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.trainer import train
-    from argrpo.recipes.config import load_config
 
     cfg = load_config(GRPORunConfig, None, [
         f"output_dir={tmp_path / 'grpo'}", f"policy.checkpoint={ckpt}",

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from argrpo.config import ConfigError, load_config
 from argrpo.grpo.lm_stage import PretrainConfig, run_lm_stage
 from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.models.layout import layout_preset
 from argrpo.models.policy import build_policy, load_policy
 from argrpo.models.visual_head import FeatureSpanProjector
-from argrpo.recipes.config import ConfigError, load_config
 
 
 def _interaction(weight, layout, vq) -> float:

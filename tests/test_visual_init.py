@@ -5,6 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from argrpo.config import load_config
 from argrpo.data.shapes import ShapesWorld
 from argrpo.grpo.lm_stage import PretrainConfig, prepare_policy
 from argrpo.models.image_tokenizers.cosmos import DECODER_FILE, CosmosTokenizer, indices_to_codes
@@ -12,7 +13,6 @@ from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.models.layout import layout_preset
 from argrpo.models.policy import PolicyConfig, build_policy
 from argrpo.models.visual_init import VISUAL_INITS, init_visual_rows
-from argrpo.recipes.config import load_config
 
 
 @pytest.fixture(scope="module")

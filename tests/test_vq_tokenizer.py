@@ -155,8 +155,8 @@ def test_tokenizer_train_command(tmp_path, capsys):
 
 
 def test_shipped_config_loads_and_documents_its_command():
+    from argrpo.config import load_config
     from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig
-    from argrpo.recipes.config import load_config
 
     assert CONFIG.read_text().splitlines()[0] == "# argrpo tokenizer train recipes/configs/shapes/tokenizer.yaml"
     cfg = load_config(TokenizerTrainConfig, CONFIG)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pkgutil
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+from argrpo.registry import Registry
 
 
 @runtime_checkable
@@ -30,16 +32,22 @@ class ImageTokenizer(Protocol):
     def save_pretrained(self, path: str | Path) -> None: ...
 
 
-IMAGE_TOKENIZERS: dict[str, type] = {}
+def _builtin_modules() -> list[str]:
+    """Every module of this package but this one: each registers its tokenizer (vq, cosmos, ...) on import."""
+    from argrpo.models import image_tokenizers
+
+    names = sorted(m.name for m in pkgutil.iter_modules(image_tokenizers.__path__) if m.name != "base")
+    return [f"{image_tokenizers.__name__}.{n}" for n in names]
+
+
+IMAGE_TOKENIZERS: Registry[type] = Registry("image tokenizer kind", builtins=_builtin_modules)
 
 
 def register_image_tokenizer(name: str):
     """Class decorator; ``name`` is written to ``image_tokenizer.json`` so ``load_image_tokenizer`` finds the class."""
 
     def deco(cls):
-        if name in IMAGE_TOKENIZERS:
-            raise ValueError(f"image tokenizer {name!r} is already registered")
-        IMAGE_TOKENIZERS[name] = cls
+        IMAGE_TOKENIZERS.add(name, cls)
         cls.kind = name
         return cls
 

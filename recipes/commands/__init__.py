@@ -6,8 +6,11 @@ Modules must import heavy libraries (torch, ray, ...) inside their ``run`` funct
 from __future__ import annotations
 
 import argparse
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from argrpo.registry import Registry
 
 
 @dataclass
@@ -18,16 +21,19 @@ class Command:
     configure: Callable[[argparse.ArgumentParser], None] | None = None
 
 
-COMMANDS: dict[str, Command] = {}
+def _command_modules() -> list[str]:
+    """Every module of this package: each registers its subcommand on import."""
+    return [f"{__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)]
+
+
+COMMANDS: Registry[Command] = Registry("argrpo command", builtins=_command_modules)
 
 
 def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None):
     """Register ``run(args)`` as ``argrpo NAME``; a second registration of the same name is an error."""
 
     def deco(run):
-        if name in COMMANDS:
-            raise ValueError(f"argrpo command {name!r} is already registered")
-        COMMANDS[name] = Command(name, help, run, configure)
+        COMMANDS.add(name, Command(name, help, run, configure))
         return run
 
     return deco

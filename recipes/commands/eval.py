@@ -8,10 +8,10 @@ from argrpo.recipes.commands import add_config_args, command
 @command("eval", help="GenEval-style evaluation: per-tag accuracy, grids, GenEval's image layout",
          configure=add_config_args)
 def run(args) -> int:
+    from argrpo.config import load_config
     from argrpo.grpo.evaluate import EvalRunConfig, evaluate, load_prompt_set, select_prompts
     from argrpo.models.policy import load_policy
     from argrpo.models.runtime import resolve_device, set_threads
-    from argrpo.recipes.config import load_config
 
     cfg = load_config(EvalRunConfig, args.config, args.overrides)
     set_threads(cfg.threads)

@@ -18,8 +18,8 @@ def run(args) -> int:
     import json
     import warnings
 
+    from argrpo.config import describe, load_config
     from argrpo.grpo.config import GRPORunConfig
-    from argrpo.recipes.config import describe, load_config
 
     if args.describe:
         print(describe(GRPORunConfig))

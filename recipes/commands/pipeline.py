@@ -64,7 +64,7 @@ def _mark_done(path: Path, info: dict) -> None:
 
 def build_stages(cfg: PipelineConfig, base: Path) -> list[Stage]:
     """The pipeline as a list of (done?, run) pairs; each run reads its YAML and points it at the previous output."""
-    from argrpo.recipes.config import load_config
+    from argrpo.config import load_config
 
     out = Path(cfg.output_dir)
     d = {name: out / name for name in ("tokenizer", "pretrain", "sft", "grpo", "eval", "report")}
@@ -132,10 +132,10 @@ def policy_dir(d: dict[str, Path], stage: str) -> Path:
 
 def evaluate_stage(eval_yaml: Path, overrides: list[str], policy: Path, out: Path) -> None:
     """Held-out evaluation of one checkpoint with the pinned eval settings; writes ``results.json`` last."""
+    from argrpo.config import load_config
     from argrpo.grpo.evaluate import EvalRunConfig, evaluate, load_prompt_set, select_prompts
     from argrpo.models.policy import load_policy
     from argrpo.models.runtime import resolve_device
-    from argrpo.recipes.config import load_config
 
     c = load_config(EvalRunConfig, eval_yaml, overrides + [f"policy={policy}"])
     specs, _ = load_prompt_set(c.prompts, c.shapes_per_tag, c.shapes_seed)
@@ -172,8 +172,8 @@ def write_pipeline_report(cfg: PipelineConfig, d: dict[str, Path], base: Path) -
 
 def grid_prompts(cfg: PipelineConfig, base: Path) -> list[str]:
     """The first held-out prompts of each tag in turn, so the grid shows every tag."""
+    from argrpo.config import load_config
     from argrpo.grpo.evaluate import EvalRunConfig, load_prompt_set
-    from argrpo.recipes.config import load_config
 
     c = load_config(EvalRunConfig, (base / cfg.eval).resolve(), list(cfg.overrides.get("eval", [])))
     specs, _ = load_prompt_set(c.prompts, c.shapes_per_tag, c.shapes_seed)
@@ -208,8 +208,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 @command("pipeline", help="tokenizer -> pretrain -> SFT -> GRPO -> eval of every stage -> report",
          configure=_configure)
 def run(args) -> int:
+    from argrpo.config import load_config
     from argrpo.models.runtime import set_threads
-    from argrpo.recipes.config import load_config
     from tqdm import tqdm
 
     set_threads()

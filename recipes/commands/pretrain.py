@@ -7,8 +7,8 @@ from argrpo.recipes.commands import add_config_args, command
 
 @command("pretrain", help="pretrain a policy on image-caption data (HF Trainer)", configure=add_config_args)
 def run(args) -> int:
+    from argrpo.config import load_config
     from argrpo.grpo.lm_stage import PretrainConfig, run_lm_stage
-    from argrpo.recipes.config import load_config
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     result = run_lm_stage(cfg)

@@ -78,7 +78,7 @@ def collect_images(images_dir: str | Path, rows: list[dict] | None) -> list[dict
 def parse_reward_args(args: argparse.Namespace):
     """-> list of RewardSpec from --config or --reward/--reward-kwargs."""
     import yaml
-    from argrpo.recipes.config import ConfigError, read_yaml
+    from argrpo.config import ConfigError, read_yaml
     from argrpo.rewards.base import as_specs
 
     if args.config:

@@ -7,8 +7,8 @@ from argrpo.recipes.commands import add_config_args, command
 
 @command("sft", help="fine-tune a pretrained policy on prompt-image pairs (HF Trainer)", configure=add_config_args)
 def run(args) -> int:
+    from argrpo.config import load_config
     from argrpo.grpo.lm_stage import SFTConfig, run_lm_stage
-    from argrpo.recipes.config import load_config
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
     result = run_lm_stage(cfg)

@@ -20,7 +20,7 @@ from argrpo.recipes.commands import add_config_args, command, join_ray
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """``["grpo.beta=0,0.04"]`` -> ``{"grpo.beta": [0, 0.04]}`` (values parsed as YAML)."""
-    from argrpo.recipes.config import ConfigError, parse_value
+    from argrpo.config import ConfigError, parse_value
 
     grid: dict[str, list] = {}
     for item in items:
@@ -51,10 +51,10 @@ def expand_trials(grid: dict[str, list], seeds: int) -> list[dict]:
 
 def run_trial(config: dict) -> dict:
     """One Tune trial: a whole GRPO run. Returns (and reports) its final and best figures."""
+    from argrpo.config import load_config
     from argrpo.grpo.config import GRPORunConfig
     from argrpo.grpo.report import read_metrics
     from argrpo.grpo.trainer import train
-    from argrpo.recipes.config import load_config
 
     # Tune starts each trial in a directory of its own: relative paths of the config (checkpoints, prompt files)
     # mean what they meant where the sweep was started (same machine, or the same paths on every node)
@@ -169,7 +169,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 @command("sweep", help="grid sweep of GRPO runs on Ray Tune (table + reward curves)", configure=_configure)
 def run(args) -> int:
-    from argrpo.recipes.config import ConfigError
+    from argrpo.config import ConfigError
 
     grid = parse_grid(args.grid)
     if not grid:

@@ -40,10 +40,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig):
     import json
 
     import numpy as np
+    from argrpo.config import to_dict
     from argrpo.data.shapes import render_seed
     from argrpo.models.checkpoint import atomic_dir
     from argrpo.models.image_tokenizers.vq import VQTokenizer
-    from argrpo.recipes.config import to_dict
     from tqdm import tqdm
 
     specs = cfg.world.make_specs(cfg.split, cfg.n_images, cfg.seed)
@@ -68,7 +68,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import time
 
-    from argrpo.recipes.config import load_config
+    from argrpo.config import load_config
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     start = time.perf_counter()

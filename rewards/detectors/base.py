@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from argrpo.registry import Registry
+
 
 @dataclass
 class Detection:
@@ -23,14 +25,7 @@ class Detector(Protocol):
     def __call__(self, images, classes: list[list[str]]) -> list[list[Detection]]: ...
 
 
-DETECTORS: dict[str, type] = {}
-
-
-def register_detector(name: str):
-    def deco(cls):
-        if name in DETECTORS:
-            raise ValueError(f"detector {name!r} is already registered")
-        DETECTORS[name] = cls
-        return cls
-
-    return deco
+# The shapes world's exact detector lives with the world it reads (data/ imports rewards/, never the reverse).
+DETECTORS: Registry[type] = Registry("detector", plugins=True, builtins={
+    "shapes": "argrpo.data.shapes_detector", "owlv2": "argrpo.rewards.detectors.owlv2"})
+register_detector = DETECTORS.register

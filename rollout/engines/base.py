@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from argrpo.registry import Registry
 from argrpo.rollout.types import Rollout, SamplingParams
 
 
@@ -22,17 +23,10 @@ class RolloutEngine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, adapter: bool = False) -> None: ...
 
 
-ENGINES: dict[str, type] = {}
-
-
-def register_engine(name: str):
-    def deco(cls):
-        if name in ENGINES:
-            raise ValueError(f"rollout engine {name!r} is already registered")
-        ENGINES[name] = cls
-        return cls
-
-    return deco
+# Each engine's module is imported when it is first asked for, so vLLM only matters to whoever asks for "vllm".
+ENGINES: Registry[type] = Registry("rollout engine", builtins={
+    "torch": "argrpo.rollout.engines.torch_engine", "vllm": "argrpo.rollout.engines.vllm_engine"})
+register_engine = ENGINES.register
 
 
 def encode_prompts(tokenizer, layout, captions: list[str]) -> list[list[int]]:
