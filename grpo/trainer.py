@@ -358,7 +358,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
         layout=layout,
         correction=cfg.correction if cfg.use_correction else None,
         stats=stats,
-        skip_zero_advantage=cfg.grpo.skip_zero_advantage,
+        skip_zero_advantage=cfg.grpo.skips_zero_advantage,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

@@ -84,6 +84,19 @@ def test_skip_zero_advantage_is_refused_with_a_kl_or_entropy_term(term):
     assert "skip_zero_advantage" not in trl_args(cfg, n_image_tokens=64, device=torch.device("cpu")).to_dict()
 
 
+@pytest.mark.parametrize("overrides, skips", [
+    ([], True),
+    (["grpo.beta=0.04"], False),
+    (["grpo.entropy_coef=0.01"], False),
+    (["grpo.skip_zero_advantage=false"], False),
+])
+def test_skip_zero_advantage_auto_is_on_exactly_where_valid(overrides, skips):
+    """The shipped recipe under a beta sweep (`--grid grpo.beta=0,0.04`): every trial's config loads."""
+    cfg = load_config(GRPORunConfig, RECIPES[0], overrides)
+    assert cfg.grpo.skip_zero_advantage in ("auto", False) and cfg.grpo.skips_zero_advantage is skips
+    assert load_config(GRPORunConfig, None, BASE + overrides).grpo.skips_zero_advantage is skips
+
+
 def test_generation_batch_counts_steps_per_generation():
     cfg = load_config(GRPORunConfig, None, BASE + ["grpo.per_device_train_batch_size=8",
                                                    "grpo.gradient_accumulation_steps=4", "grpo.num_generations=16"])
