@@ -1,7 +1,8 @@
-"""Prompt sets as GenEval jsonl: one JSON object a line, ``{"tag", "include", "exclude"?, "prompt"}``.
+"""Prompt files, read in one place: GenEval jsonl (one JSON object a line, ``{"tag", "include", "exclude"?,
+"prompt"}``), any jsonl of objects with a ``prompt``, or plain text (one prompt a line).
 
-Reading validates every row against GenEval's schema and names the file and 1-based row of the first problem;
-writing is atomic (temp file + rename), so a reader never sees half a file.
+Reading validates every row (GenEval rows against GenEval's schema) and names the file and 1-based row of the first
+problem; writing is atomic (temp file + rename), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from argrpo.errors import MissingFileError, UserFileError
+
 RELATIONS = ("left of", "right of", "above", "below")
 # GenEval's six tags; the rules read the tag (counting uses a stricter confidence threshold), so a misspelt tag
 # would silently change how a prompt is judged.
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-class PromptFileError(ValueError):
-    """A prompt file or row that does not follow the GenEval schema; the message names file and row."""
+class PromptFileError(UserFileError):
+    """A prompt file or row that cannot be read (not JSON, no prompt, not GenEval's schema); names file and row."""
+
+
+class MissingPromptFileError(PromptFileError, MissingFileError):
+    """The prompt file does not exist."""
 
 
 def validate_spec(spec, where: str = "spec") -> dict:
@@ -30,6 +37,8 @@ def validate_spec(spec, where: str = "spec") -> dict:
             raise PromptFileError(f"{where}: missing key {key!r}")
         if not isinstance(spec[key], tp):
             raise PromptFileError(f"{where}: {key!r} must be a {tp.__name__}, got {spec[key]!r}")
+    if not spec["prompt"].strip():
+        raise PromptFileError(f"{where}: 'prompt' is empty")
     if spec["tag"] not in GENEVAL_TAGS:
         raise PromptFileError(f"{where}: unknown tag {spec['tag']!r}; GenEval's tags: {list(GENEVAL_TAGS)}")
     if not spec["include"]:
@@ -62,24 +71,38 @@ def validate_spec(spec, where: str = "spec") -> dict:
     return spec
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    """GenEval jsonl -> list of spec dicts (blank lines skipped); errors name the file and 1-based row."""
+def read_prompts(path: str | Path, geneval: bool = False) -> list[dict]:
+    """A prompt file -> its rows, each a dict with a non-empty string ``prompt``; blank lines are skipped.
+
+    ``*.jsonl`` (and any other file but ``*.txt`` whose first line starts with ``{``): one JSON object a line, kept
+    whole (the other keys are the row's metadata); a row with GenEval keys (``tag``, ``include``) is checked against
+    GenEval's schema, and with ``geneval=True`` every row must be a GenEval row. Otherwise one prompt a line.
+    Errors name the file and the 1-based row: :class:`MissingPromptFileError` (a ``FileNotFoundError``) when the
+    file is absent, :class:`PromptFileError` (a ``ValueError``) for its content.
+    """
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"{path}: prompt file not found")
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                spec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}: row {n}: not valid JSON: {e}") from e
-            rows.append(validate_spec(spec, where=f"{path}: row {n}"))
-    if not rows:
+        raise MissingPromptFileError(f"{path}: prompt file not found")
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    if not lines:
         raise PromptFileError(f"{path}: no prompts")
-    return rows
+    if path.suffix == ".txt" or (path.suffix != ".jsonl" and not lines[0][1].startswith("{")):
+        if geneval:
+            raise PromptFileError(f"{path}: expected GenEval jsonl (one JSON object a line), got plain text")
+        return [{"prompt": text} for _, text in lines]
+    return [_read_row(text, f"{path}: row {n}", geneval) for n, text in lines]
+
+
+def _read_row(text: str, where: str, geneval: bool) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{where}: not valid JSON: {e}") from e
+    if geneval or (isinstance(row, dict) and ("tag" in row or "include" in row)):
+        return validate_spec(row, where)
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise PromptFileError(f"{where}: expected an object with a string 'prompt' (non-empty)")
+    return row
 
 
 def write_prompts(path: str | Path, specs: list[dict]) -> Path:

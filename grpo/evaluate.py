@@ -175,13 +175,9 @@ def summarize(samples: Sequence[dict]) -> tuple[float, float, dict[str, TagScore
 # ---- prompts ---------------------------------------------------------------------------------------------------
 def load_prompt_set(source: str, per_tag: int = 20, seed: int = 0) -> tuple[list[dict], bool]:
     """'shapes:<split>' or a GenEval jsonl path -> (specs, is_file)."""
-    if source.startswith("shapes:"):
-        from argrpo.data.shapes import ShapesWorld
+    from argrpo.grpo.prompts import load_prompts
 
-        return ShapesWorld().prompt_set(source.split(":", 1)[1], per_tag, seed), False
-    from argrpo.data.prompts import read_prompts
-
-    return read_prompts(source), True
+    return load_prompts(source, per_tag, seed, geneval=True), not source.startswith("shapes:")
 
 
 def select_prompts(specs: list[dict], tags: Sequence[str] = (), per_tag_limit: int | None = None,
@@ -202,7 +198,7 @@ def _as_specs(prompts) -> list[dict]:
     if isinstance(prompts, (str, Path)):
         from argrpo.data.prompts import read_prompts
 
-        return read_prompts(prompts)
+        return read_prompts(prompts, geneval=True)
     out = []
     for i, p in enumerate(prompts):
         spec = json.loads(p) if isinstance(p, str) else dict(p)

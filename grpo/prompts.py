@@ -18,43 +18,21 @@ import math
 import numpy as np
 
 
-def load_prompts(source: str, shapes_per_tag: int = 200, shapes_seed: int = 0) -> list[dict]:
+def load_prompts(source: str, shapes_per_tag: int = 200, shapes_seed: int = 0, geneval: bool = False) -> list[dict]:
     """A prompt set -> rows with at least ``prompt``.
 
-    ``shapes:<split>``: the shapes world's GenEval-schema prompt set (``shapes_per_tag`` rows per tag);
-    ``*.txt``: one caption per line; ``*.jsonl``: one JSON object per line with a ``prompt`` string (rows with
-    GenEval keys are validated against GenEval's schema). Errors name the file and 1-based row.
+    ``shapes:<split>``: the shapes world's GenEval-schema prompt set (``shapes_per_tag`` rows per tag); else a prompt
+    file as :func:`argrpo.data.prompts.read_prompts` reads it (``*.txt``: one caption a line; ``*.jsonl``: one
+    object a line, GenEval rows validated; ``geneval=True``: every row must be one). Errors name the file and
+    1-based row.
     """
-    from pathlib import Path
-
     if source.startswith("shapes:"):
         from argrpo.data.shapes import ShapesWorld
 
         return ShapesWorld().prompt_set(source.split(":", 1)[1], shapes_per_tag, shapes_seed)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    rows: list[dict] = []
-    if path.suffix == ".txt":
-        rows = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
-    else:
-        from argrpo.data.prompts import validate_spec
+    from argrpo.data.prompts import read_prompts
 
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {n}: not valid JSON: {e}") from e
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise ValueError(f"{path}: row {n}: expected an object with a non-empty 'prompt' string")
-            if "include" in row or "tag" in row:
-                validate_spec(row, where=f"{path}: row {n}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
+    return read_prompts(source, geneval=geneval)
 
 
 def weight_by_tag(specs: list[dict], weights: dict[str, float], where: str = "tag_weights") -> list[dict]:

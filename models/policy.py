@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from argrpo.errors import MissingFileError
 from argrpo.models.checkpoint import atomic_dir, copy_tree
 from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
 
@@ -340,7 +341,7 @@ def _store_image_tokenizer(image_tokenizer, tmp: Path, copy: bool) -> str:
         return IMAGE_TOKENIZER_DIR
     src = Path(image_tokenizer)
     if not src.is_dir():
-        raise FileNotFoundError(f"image tokenizer directory not found: {src}")
+        raise MissingFileError(f"image tokenizer directory not found: {src}")
     if copy:
         copy_tree(src, tmp / IMAGE_TOKENIZER_DIR)
         return IMAGE_TOKENIZER_DIR
@@ -444,7 +445,7 @@ def load_policy(
     """
     path = Path(path).absolute()
     if not path.is_dir():
-        raise FileNotFoundError(f"policy checkpoint not found: {path}")
+        raise MissingFileError(f"policy checkpoint not found: {path}")
     meta = read_policy_meta(path)
     is_adapter = (path / "adapter_config.json").is_file()
     if not is_adapter and not (path / "config.json").is_file():
@@ -495,7 +496,7 @@ def load_policy(
         if not base_path.is_absolute():
             base_path = (path / base_path).resolve()
         if not (base_path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
+            raise MissingFileError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
         base_meta = read_policy_meta(base_path)
         if base_meta is not None:
             TokenLayout.from_dict(base_meta["layout"]).check_compatible(
@@ -522,7 +523,7 @@ def load_policy(
         p = Path(ref)
         image_tokenizer_path = p if p.is_absolute() else (path / p)
         if not image_tokenizer_path.is_dir():
-            raise FileNotFoundError(f"{path / ARGRPO_FILE}: image tokenizer {image_tokenizer_path} not found")
+            raise MissingFileError(f"{path / ARGRPO_FILE}: image tokenizer {image_tokenizer_path} not found")
     return LoadedPolicy(model=model, tokenizer=tokenizer, layout=resolved_layout,
                         image_tokenizer_path=image_tokenizer_path, path=path)
 

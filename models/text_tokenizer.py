@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from argrpo.errors import MissingFileError
+
 UNK_TOKEN = "[UNK]"
 PAD_TOKEN = "[PAD]"
 GENERIC_TOKENIZER_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
@@ -101,7 +103,7 @@ def load_text_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"text tokenizer directory not found: {path}")
+        raise MissingFileError(f"text tokenizer directory not found: {path}")
     cfg_file = path / "tokenizer_config.json"
     cls = None
     if cfg_file.is_file():

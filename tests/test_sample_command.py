@@ -64,7 +64,7 @@ def test_sample_writes_geneval_layout(checkpoint, tmp_path):
     assert (out2 / "00001" / "grid.png").stat().st_mtime_ns == mtime
 
 
-def test_sample_plain_text_prompts_and_errors(checkpoint, tmp_path):
+def test_sample_plain_text_prompts_and_errors(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n\na photo of a blue square\n")
     out = tmp_path / "out"
@@ -75,5 +75,7 @@ def test_sample_plain_text_prompts_and_errors(checkpoint, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a red circle"}\n{"caption": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: expected an object with a string 'prompt'"):
-        main(["sample", "--checkpoint", str(checkpoint), "--prompts", str(bad), "--out", str(out)])
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(checkpoint), "--prompts", str(bad), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"argrpo sample: {bad}: row 2: expected an object with a string 'prompt' (non-empty)\n")

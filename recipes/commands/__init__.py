@@ -67,9 +67,10 @@ def join_ray(address: str | None, command_name: str) -> str | None:
     if not address:
         return None
     from argrpo.cluster import init_ray
+    from argrpo.errors import UserError
 
     try:
         init_ray(address)
     except ConnectionError as e:
-        raise SystemExit(f"argrpo {command_name}: cannot join the Ray cluster: {e}") from e
+        raise UserError(f"cannot join the Ray cluster: {e}") from e
     return address

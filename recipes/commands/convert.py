@@ -24,6 +24,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 @command("convert", help="convert a released SimpleAR checkpoint (+ Cosmos decoder) into argrpo's format",
          configure=_configure)
 def run(args) -> int:
+    from argrpo.errors import UserError
     from argrpo.models.image_tokenizers.cosmos import CosmosTokenizer
     from argrpo.models.policy import load_policy, save_policy
 
@@ -35,7 +36,7 @@ def run(args) -> int:
         # saved into the checkpoint's image_tokenizer/ with its config; the large .jit files are hard-linked
         image_tokenizer = CosmosTokenizer.from_pretrained(args.cosmos, image_size=(args.resolution, args.resolution))
         if tuple(image_tokenizer.grid) != tuple(loaded.layout.grid):
-            raise SystemExit(f"argrpo convert: {args.cosmos} gives a {image_tokenizer.grid} code grid at "
+            raise UserError(f"{args.cosmos} gives a {image_tokenizer.grid} code grid at "
                              f"{args.resolution} px, the layout expects {loaded.layout.grid}")
     out = save_policy(args.out, loaded.model, loaded.tokenizer, loaded.layout, image_tokenizer=image_tokenizer)
     lay = loaded.layout

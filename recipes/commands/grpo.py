@@ -19,13 +19,14 @@ def run(args) -> int:
     import warnings
 
     from argrpo.config import describe, load_config
+    from argrpo.errors import UserError
     from argrpo.grpo.config import GRPORunConfig
 
     if args.describe:
         print(describe(GRPORunConfig))
         return 0
     if args.config is None:
-        raise SystemExit("argrpo grpo: name a config file (e.g. recipes/configs/shapes/grpo.yaml), or --describe")
+        raise UserError("name a config file (e.g. recipes/configs/shapes/grpo.yaml), or --describe")
     cfg = load_config(GRPORunConfig, args.config, args.overrides)
     join_ray(args.ray_address, "grpo")
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")

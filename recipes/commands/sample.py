@@ -41,27 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-existing", action="store_true", help="keep prompt folders that are already complete")
 
 
-def read_prompt_file(path: str | Path) -> list[dict]:
-    """A GenEval jsonl (each row an object with a string 'prompt'; rows are kept whole as metadata) or a plain text
-    file (one prompt a line). Blank lines are skipped; errors name the file and 1-based row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: no prompts")
-    if path.suffix != ".jsonl" and not lines[0][1].startswith("{"):
-        return [{"prompt": text} for _, text in lines]
-    rows = []
-    for n, text in lines:
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: row {n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}: row {n}: expected an object with a string 'prompt'")
-        rows.append(row)
-    return rows
+
 
 
 def image_grid(images, cols: int | None = None):
@@ -101,6 +81,7 @@ def _write_prompt_folder(folder: Path, row: dict, images) -> None:
 
 @command("sample", help="sample images for a prompt file into GenEval's output layout", configure=configure)
 def run(args: argparse.Namespace) -> int:
+    from argrpo.data.prompts import read_prompts
     from argrpo.models.image_tokenizers import load_image_tokenizer
     from argrpo.models.policy import load_policy
     from argrpo.models.runtime import resolve_device, set_threads
@@ -113,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("argrpo sample: --n and --batch-prompts must be >= 1")
     if args.jacobi and args.engine != "torch":
         raise SystemExit(f"argrpo sample: --jacobi needs --engine torch (got {args.engine!r})")
-    rows = read_prompt_file(args.prompts)[: args.limit]
+    rows = read_prompts(args.prompts)[: args.limit]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(rows)) if not (args.skip_existing and _complete(out / f"{i:05d}", args.n))]

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 from argrpo.recipes.commands import command
@@ -43,7 +42,7 @@ def _natural_key(path: Path):
 
 def collect_images(images_dir: str | Path, rows: list[dict] | None) -> list[dict]:
     """-> items ``{"path", "index", "row"}`` in a stable order; errors name the folder or file."""
-    from argrpo.recipes.commands.sample import read_prompt_file
+    from argrpo.data.prompts import read_prompts
 
     root = Path(images_dir)
     if not root.is_dir():
@@ -56,7 +55,7 @@ def collect_images(images_dir: str | Path, rows: list[dict] | None) -> list[dict
             index = int(d.name)
             meta_file = d / "metadata.jsonl"
             if meta_file.is_file():
-                row = read_prompt_file(meta_file)[0]
+                row = read_prompts(meta_file)[0]
             elif rows is not None and index < len(rows):
                 row = rows[index]
             else:
@@ -139,7 +138,8 @@ def summarize(rows: list[dict], keys: list[str]) -> str:
          configure=configure)
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    from argrpo.recipes.commands.sample import read_prompt_file
+    from argrpo.data.prompts import read_prompts
+    from argrpo.errors import UserError
     from argrpo.rewards.base import build_reward
     from PIL import Image
     from tqdm import tqdm
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     keys = [s.key for s in specs]
     pool = None
     try:
-        rows = read_prompt_file(args.prompts) if args.prompts else None
+        rows = read_prompts(args.prompts) if args.prompts else None
         items = collect_images(args.images, rows)
         if args.actors:
             from argrpo.cluster import init_ray
@@ -159,9 +159,10 @@ def run(args: argparse.Namespace) -> int:
             pool = RewardPool(specs)
         else:
             rewards = {s.key: build_reward(s.name, name=s.key, **s.kwargs) for s in specs}
-    except (ValueError, FileNotFoundError) as e:
-        print(f"argrpo score: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # reading the folder, the prompts or the reward settings
+        raise UserError(str(e)) from e
 
     def score_batch(prompts, imgs, meta):
         if pool is not None:
