@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from argrpo.data.captions import CaptionSource
 from argrpo.models.policy import ARGRPO_FILE, PolicyConfig
+from argrpo.models.unwrap import unwrap_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -224,15 +225,6 @@ class CodesCollator:
 
 
 # ---- loss ------------------------------------------------------------------------------------------------------
-def _hf_model(model):
-    """The PreTrainedModel under peft / accelerate wrappers (its submodules keep LoRA layers in place)."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +233,7 @@ def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor
     batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N].
     Returns (logits float32 [B, N, C] predicting image_codes, the decoder's hidden states [B, T, H]).
     """
-    hf = _hf_model(model)
+    hf = unwrap_model(model)
     decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
     head = hf.get_output_embeddings()
     hidden = decoder(
@@ -275,7 +267,7 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
         m = batch["attention_mask"][:, :L].bool()
         valid = m[:, :-1] & m[:, 1:]  # [B, L-1]: position t predicts prompt token t+1
         if bool(valid.any()):
-            head = _hf_model(model).get_output_embeddings()
+            head = unwrap_model(model).get_output_embeddings()
             h = hidden[:, : L - 1][valid]  # [K, H]
             wt = head.weight[: layout.text_vocab_size]
             tl = h @ wt.T
@@ -496,7 +488,7 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     tokenizer = build_text_tokenizer_for(cfg, captions, special)
     layout = layout_preset(cfg.layout, text_vocab_size=len(tokenizer), **geometry)
     model, _ = policy_from_config(cfg.policy, layout=layout, device=device)
-    base = _hf_model(model)
+    base = unwrap_model(model)
     init_visual_rows(base, layout, image_tokenizer, cfg.policy.visual_init, seed=cfg.policy.seed)
     for conf in (base.config, getattr(base, "generation_config", None)):
         if conf is not None:  # the new text tokenizer's pad id, so Trainer has nothing to "align"

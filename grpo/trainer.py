@@ -41,6 +41,7 @@ import torch
 from argrpo.grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
 from argrpo.grpo.logprobs import install_visual_head
 from argrpo.grpo.stats import StepStats
+from argrpo.models.unwrap import unwrap_model
 from trl import GRPOConfig, GRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -51,13 +52,6 @@ class _NoVLLM:
 
     def sync_weights(self):
         return None
-
-
-def _hf_model(model):
-    """The Hugging Face causal LM under accelerate/peft wrappers (the module whose forward TRL patched)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class ARGRPOTrainer(GRPOTrainer):
@@ -77,9 +71,9 @@ class ARGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.layout = layout
         self.stats = stats if stats is not None else StepStats()
-        install_visual_head(_hf_model(self.model), layout, self.temperature)
+        install_visual_head(unwrap_model(self.model), layout, self.temperature)
         if self.ref_model is not None:
-            install_visual_head(_hf_model(self.ref_model), layout, self.temperature)
+            install_visual_head(unwrap_model(self.ref_model), layout, self.temperature)
         self.skip_zero_advantage = skip_zero_advantage
         self.sampler_correction = correction
         if correction is not None:

@@ -12,13 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-
-def _unwrap(model):
-    """A DDP/accelerate wrapper -> the module underneath (peft models are kept)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+from argrpo.models.unwrap import unwrap_model
 
 
 def is_peft(model) -> bool:
@@ -26,7 +20,7 @@ def is_peft(model) -> bool:
         from peft import PeftModel
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(_unwrap(model), PeftModel)
+    return isinstance(unwrap_model(model, keep_peft=True), PeftModel)
 
 
 def sync_state(model) -> tuple[dict[str, torch.Tensor], bool]:
@@ -36,7 +30,7 @@ def sync_state(model) -> tuple[dict[str, torch.Tensor], bool]:
     LoRA: the trained adapter's tensors only (peft names without the adapter name), a few MB instead of GBs.
     Tensors are detached CPU tensors; on CPU they share storage with the learner (receivers copy them).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model, keep_peft=True)
     if is_peft(model):
         from peft import get_peft_model_state_dict
 

@@ -33,6 +33,7 @@ import torch
 from argrpo.errors import MissingFileError
 from argrpo.models.checkpoint import atomic_dir, copy_tree
 from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
+from argrpo.models.unwrap import unwrap_model
 
 ARGRPO_FILE = "argrpo.json"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
@@ -265,11 +266,6 @@ class LoadedPolicy:
     path: Path
 
 
-def _unwrapped_base(model):
-    """The PreTrainedModel under a PeftModel."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def save_policy(
     path: str | Path,
     model,
@@ -293,7 +289,7 @@ def save_policy(
     Returns the checkpoint path.
     """
     path = Path(path).absolute()
-    base = _unwrapped_base(model)
+    base = unwrap_model(model)
     vocab = base.get_input_embeddings().weight.shape[0]
     if vocab < layout.visual_end:
         raise ValueError(f"save_policy({path}): the model's vocabulary {vocab} < layout visual_end {layout.visual_end}")
@@ -510,7 +506,7 @@ def load_policy(
     else:
         with _naming(path):
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
-    vocab = _unwrapped_base(model).get_input_embeddings().weight.shape[0]
+    vocab = unwrap_model(model).get_input_embeddings().weight.shape[0]
     if vocab < resolved_layout.visual_end:
         raise ValueError(f"checkpoint {path}: embedding rows {vocab} < layout visual_end {resolved_layout.visual_end}")
     model.to(device)
