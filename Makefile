@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean-demo
+.PHONY: install demo test bench lint clean-demo gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -34,3 +34,20 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf runs/demo
+
+# The GPU check (bench/gpu_check.py). A GPU machine may have PyTorch, transformers, peft and accelerate but no TRL
+# and no network: `make gpu-wheels` (where pip can download) fetches the pure-Python wheels the learner section
+# needs beyond those, for Python 3.12, into GPU_WHEELS (ignored by git; carry it with the tree). `make gpu-check`
+# runs there with plain python3: no venv, no install (argrpo is imported from this tree, the wheels are unpacked
+# into a temp dir). trl and datasets are what TRL needs at import; dill and multiprocess are datasets' own.
+GPU_WHEELS ?= .gpu-wheels
+GPU_OUT    ?= gpu-check
+GPU_WHEEL_PINS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform any -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) --out $(GPU_OUT)

@@ -90,20 +90,24 @@ def left_pad(rows: list[list[int]], pad: int = 0):
 
 @torch.inference_mode()
 def hf_generate(model, layout, prompts, G, uncond, cfg_scale, greedy=False):
-    """P*G rows through ``model.generate`` with a CFG processor (second pass) and a visual-ids prefix constraint."""
+    """P*G rows through ``model.generate`` with a CFG processor (second pass) and a visual-ids prefix constraint.
+
+    Runs on ``model.device``; returns the generated ids [P*G, layout.n_image_tokens] there.
+    """
     from transformers import LogitsProcessorList
     from transformers.generation.logits_process import (
         PrefixConstrainedLogitsProcessor,
         UnbatchedClassifierFreeGuidanceLogitsProcessor,
     )
 
+    dev = model.device
     rows = [p for p in prompts for _ in range(G)]
-    ids, mask = left_pad(rows)
+    ids, mask = (t.to(dev) for t in left_pad(rows))
     B, N = len(rows), layout.n_image_tokens
-    allowed = torch.arange(layout.visual_offset, layout.visual_end)
+    allowed = torch.arange(layout.visual_offset, layout.visual_end, device=dev)
     procs = LogitsProcessorList()
     if cfg_scale != 1.0:
-        u = torch.tensor([uncond] * B)
+        u = torch.tensor([uncond] * B, device=dev)
         procs.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(cfg_scale, model, u, torch.ones_like(u), True))
     procs.append(PrefixConstrainedLogitsProcessor(lambda batch_id, sent: allowed, num_beams=1))
     # top_k=0: without it generate samples from HF's default top-50

@@ -1,0 +1,82 @@
+"""bench/gpu_check.py in its CPU mode (--tiny --device cpu): the GPU check's own code on tiny shapes, so it cannot rot
+between the rare runs on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT_ON_THE_GPU_MACHINE = ("ray", "vllm", "open_clip")
+
+
+def test_cpu_mode_runs_from_the_source_tree_without_ray_vllm_or_open_clip(tmp_path):
+    # as on the GPU machine: a script, argrpo imported from this tree (not the installed package), and the packages
+    # that machine lacks unimportable (None in sys.modules makes every import of them fail)
+    code = (
+        "import runpy, sys\n"
+        f"for m in {ABSENT_ON_THE_GPU_MACHINE!r}:\n"
+        "    sys.modules[m] = None\n"
+        f"sys.argv = ['bench/gpu_check.py', '--tiny', '--device', 'cpu', '--from-source', '--out', {str(tmp_path)!r}]\n"
+        "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["bootstrap"]["argrpo"].startswith("source tree")
+
+    ro = res["rollout"]
+    assert ro["checks"]["greedy_equal"] is True
+    assert set(ro["checks"]["greedy_float32"]) == {"cfg1", "cfg3"}
+    assert all(c["tokens"] == 32 and c["first_mismatch"] is None for c in ro["checks"]["greedy_float32"].values())
+    assert ro["config"]["max_batch"] == 8
+    runs = {(r["engine"], r["cfg"], r["batch"]): r for r in ro["runs"]}
+    assert set(runs) == {(e, c, b) for e in ("torch", "hf_generate") for c in (1.0, 3.0) for b in (1, 8)}
+    for (engine, _, batch), r in runs.items():
+        assert r["tokens_timed"] == 32 and not r["extrapolated"]  # tiny images fit the budget whole
+        assert math.isclose(r["images_per_s"] * r["s_per_image"], 1.0)
+        assert math.isclose(r["s_per_image"] * batch, r["seconds"])
+        if engine == "torch":
+            assert 0 < r["fraction_of_peak"] and r["flops"] > 0 and r["x_hf"] > 0
+    assert ro["matmul_peak_flops_per_s"] > 0
+
+    le = res["learner"]
+    assert "skipped" not in le
+    variants = le["variants"]
+    assert [(v["tuning"], v["gradient_checkpointing"]) for v in variants] == [
+        ("full", True), ("lora", True), ("full", False), ("lora", False)]
+    for v in variants:
+        assert v["steps"] == 2
+        assert v["weight_tensors"] > 0 and v["weights_changed"] == v["weight_tensors"]  # every trainable tensor moved
+        assert len(v["losses"]) == 2 and all(math.isfinite(x) for x in v["losses"])
+        assert v["step_s"] > 0 and v["forward_backward_s"] > 0 and v["score_s"] > 0 and v["peak_memory_gib"] > 0
+        assert v["tokens_per_completion"] == 32 and v["completions_per_step"] == 4
+    full = next(v for v in variants if v["tuning"] == "full")
+    lora = next(v for v in variants if v["tuning"] == "lora")
+    assert lora["trainable_params"] < full["trainable_params"]
+
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Rollout" in md and "## Learner" in md
+    assert md.count("| torch |") == 4 and md.count("| hf_generate |") == 4
+    assert "| full, GC on |" in md and "| lora, GC off |" in md
+
+
+def test_without_trl_the_learner_is_skipped_by_name_and_the_rollout_still_runs(tmp_path, monkeypatch):
+    from bench import gpu_check
+
+    monkeypatch.setitem(sys.modules, "trl", None)
+    rc = gpu_check.main(["--tiny", "--device", "cpu", "--wheels", str(tmp_path / "no-wheels"),
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["bootstrap"]["wheels"] is None
+    skipped = res["learner"]["skipped"]
+    assert skipped.startswith("learner skipped: trl not importable") and "make gpu-wheels" in skipped
+    assert res["learner"]["variants"] == []
+    assert res["rollout"]["checks"]["greedy_equal"] is True and len(res["rollout"]["runs"]) == 8
+    assert skipped in (tmp_path / "gpu_check.md").read_text()
