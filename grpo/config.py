@@ -14,6 +14,7 @@ Sections (YAML keys; any key can be overridden with ``--set section.key=value``)
     logging:     LoggingConfig                 TensorBoard / W&B, image grids, metrics.jsonl
     checkpoint:  CheckpointConfig              every N steps, atomic, resumable
     eval:        EvalConfig                    periodic held-out evaluation
+    distributed: DistributedConfig             ddp or fsdp (FSDP2) over the learner processes (grpo.sharding)
 
 Batch sizes use TRL's names. One generation holds ``per_device_train_batch_size * steps_per_generation``
 completions per learner process (``steps_per_generation`` defaults to ``gradient_accumulation_steps``), times the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from argrpo.grpo.evaluate import EvalSettings
+from argrpo.grpo.sharding import DistributedConfig
 from argrpo.models.policy import PolicyConfig
 from argrpo.rewards.base import RewardSpec
 from argrpo.rewards.pool import RewardPoolConfig
@@ -54,6 +56,7 @@ MANAGED_TRL_FIELDS = {
     "mask_truncated_completions": "nothing: images have a fixed length, so every completion would be masked",
     "shuffle_dataset": "data.shuffle", "remove_unused_columns": "nothing (the metadata column must reach rewards)",
     "disable_tqdm": "logging.progress",
+    "fsdp": "distributed.strategy", "fsdp_config": "distributed.fsdp",
 }
 
 
@@ -313,6 +316,9 @@ class GRPORunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "logging"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "periodic evaluation"})
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig,
+        metadata={"help": "several learner processes: ddp (replicas) or fsdp (FSDP2 shards, see distributed.fsdp)"})
 
     def __post_init__(self):
         if self.budget_minutes is not None and self.budget_minutes <= 0:

@@ -40,6 +40,12 @@ from pathlib import Path
 import torch
 from argrpo.grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
 from argrpo.grpo.logprobs import install_visual_head
+from argrpo.grpo.sharding import (
+    consolidated_model,
+    enable_fsdp_on_cpu,
+    set_plugin_precision,
+    training_arguments,
+)
 from argrpo.grpo.stats import StepStats
 from argrpo.models.unwrap import unwrap_model
 from trl import GRPOConfig, GRPOTrainer
@@ -78,6 +84,10 @@ class ARGRPOTrainer(GRPOTrainer):
         self.sampler_correction = correction
         if correction is not None:
             self._enable_sampler_correction(correction)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # accelerate drops an FSDP plugin on CPU (grpo.sharding says why)
 
     def _enable_sampler_correction(self, c: CorrectionConfig) -> None:
         # TRL's vLLM path reads exactly these attributes; with them set, _generate_and_score_completions computes
@@ -140,9 +150,10 @@ def trl_args(cfg: GRPORunConfig, n_image_tokens: int, device: torch.device) -> G
     own = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name not in NOT_TRL_FIELDS}
     report = [r for r in cfg.logging.report_to if r == "wandb"]  # TensorBoard is wired by argrpo itself
     c = cfg.correction
-    return GRPOConfig(
+    args = GRPOConfig(
         **own,
         **dict(g.trl),
+        **training_arguments(cfg.distributed),
         output_dir=str(Path(cfg.output_dir)),
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -162,6 +173,8 @@ def trl_args(cfg: GRPORunConfig, n_image_tokens: int, device: torch.device) -> G
         vllm_importance_sampling_clip_max=c.cap,
         vllm_importance_sampling_clip_min=c.floor,
     )
+    set_plugin_precision(args, cfg.distributed)
+    return args
 
 
 def generations_needed(cfg: GRPORunConfig) -> int:
@@ -473,8 +486,10 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
     try:
         run.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         final = None
+        # under FSDP2 every process takes part in gathering the shards; the main process writes them
+        model = consolidated_model(run.trainer.accelerator.unwrap_model(run.trainer.model)) \
+            if cfg.checkpoint.save_final else None
         if cfg.checkpoint.save_final and run.trainer.is_world_process_zero():
-            model = run.trainer.accelerator.unwrap_model(run.trainer.model)
             final = save_policy_files(out / "final", model, run.tokenizer, run.layout, run.image_tokenizer_path,
                                       run.base_model_path, extra={"grpo_step": run.trainer.state.global_step})
     finally:

@@ -29,6 +29,8 @@ def sync_state(model) -> tuple[dict[str, torch.Tensor], bool]:
     Full: the base model's state dict ``{name: [..]}`` with every key the engine's model has (tied ones too).
     LoRA: the trained adapter's tensors only (peft names without the adapter name), a few MB instead of GBs.
     Tensors are detached CPU tensors; on CPU they share storage with the learner (receivers copy them).
+    Under FSDP2 every process must call this together: the shards are gathered parameter by parameter
+    (:func:`gathered`), and every process gets the full tensors (each feeds its own rollout pool).
     """
     model = unwrap_model(model, keep_peft=True)
     if is_peft(model):
@@ -39,7 +41,28 @@ def sync_state(model) -> tuple[dict[str, torch.Tensor], bool]:
     else:
         state = model.state_dict(keep_vars=False)
         adapter = False
-    return {k: v.detach().to("cpu") for k, v in state.items()}, adapter
+    return {k: gathered(v).to("cpu") for k, v in state.items()}, adapter
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of one parameter: a plain tensor as it is (detached), an FSDP2 shard (``DTensor``) gathered
+    from every process (a collective: every process calls it for the same parameters in the same order).
+
+    Under FSDP2 ``model.state_dict()`` holds shards, and :func:`sync_state` gathers them one parameter at a time and
+    moves each to CPU at once, so the learner's device holds its shards plus one gathered parameter, never a second
+    full copy. A shard offloaded to CPU goes through the accelerator the process group reduces on (NCCL has no CPU
+    tensors).
+    """
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    if not isinstance(t, DTensor):
+        return t
+    import torch.distributed as dist
+
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t.full_tensor()
 
 
 class WeightSync:
