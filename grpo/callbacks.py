@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from argrpo.grids import image_grid
 from argrpo.grpo.stats import StepStats
 from transformers import TrainerCallback
 
@@ -140,48 +141,24 @@ class MetricsJsonl(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # older Pillow
-        return ImageFont.load_default()
-
-
-def image_grid(prompts: list[str], images, scores: dict[str, list], weights: dict[str, float], G: int,
+def batch_grid(prompts: list[str], images, scores: dict[str, list], weights: dict[str, float], G: int,
                max_prompts: int = 4, tile: int = 128) -> np.ndarray:
     """One row per prompt: the caption, then its G images with their composite reward (and each reward).
 
     images: B uint8 [H, W, 3] in prompt order (prompt p owns rows p*G .. p*G+G-1) -> uint8 [H', W', 3].
     """
-    from PIL import Image, ImageDraw
-
     n = min(max_prompts, len(prompts) // G)
     names = list(scores)
-    line_h = max(10, tile // 10)
-    label_h = line_h * (1 + min(len(names), 3)) + 4
-    caption_h = line_h + 8
-    width, row_h = G * (tile + 4) + 4, caption_h + tile + label_h
-    canvas = Image.new("RGB", (width, n * row_h + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = _font(line_h)
-    for p in range(n):
-        y = p * row_h + 4
-        draw.text((4, y), prompts[p * G][:120], fill=(0, 0, 0), font=font)
-        for g in range(G):
-            i = p * G + g
-            im = Image.fromarray(np.asarray(images[i], dtype=np.uint8))
-            im = im.resize((tile, tile), Image.NEAREST if im.width < tile else Image.BILINEAR)
-            x = 4 + g * (tile + 4)
-            canvas.paste(im, (x, y + caption_h))
-            vals = {k: scores[k][i] for k in names}
-            comp = sum(weights.get(k, 1.0) * v for k, v in vals.items() if v is not None)
-            lines = [f"R={comp:.3f}"] + [f"{k[:12]}={'-' if v is None else f'{v:.2f}'}"
-                                        for k, v in list(vals.items())[:3] if len(names) > 1]
-            for j, text in enumerate(lines):
-                draw.text((x, y + caption_h + tile + 2 + j * line_h), text, fill=(20, 20, 120), font=font)
-    return np.asarray(canvas)
+
+    def lines(i: int) -> list[str]:
+        vals = {k: scores[k][i] for k in names}
+        comp = sum(weights.get(k, 1.0) * v for k, v in vals.items() if v is not None)
+        each = [f"{k[:12]}={'-' if v is None else f'{v:.2f}'}" for k, v in list(vals.items())[:3]] if len(names) > 1 else []
+        return [f"R={comp:.3f}", *each]
+
+    rows = [[images[p * G + g] for g in range(G)] for p in range(n)]
+    return image_grid(rows, tile=tile, gap=4, captions=[prompts[p * G][:120] for p in range(n)],
+                      notes=[[lines(p * G + g) for g in range(G)] for p in range(n)], font_size=max(10, tile // 10))
 
 
 class ImageGridLogger(TrainerCallback):
@@ -200,7 +177,7 @@ class ImageGridLogger(TrainerCallback):
         if not state.is_world_process_zero:
             return
         b = self.stats.batch
-        grid = image_grid(b["prompts"], b["images"], b["scores"], self.weights, self.G, self.max_prompts)
+        grid = batch_grid(b["prompts"], b["images"], b["scores"], self.weights, self.G, self.max_prompts)
         from PIL import Image
 
         self.dir.mkdir(parents=True, exist_ok=True)

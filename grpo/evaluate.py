@@ -229,26 +229,14 @@ def tag_grid(images: np.ndarray, correct: Sequence[bool], captions: Sequence[str
 
     images: uint8 [R*n, H, W, 3] -> uint8 grid image.
     """
-    from PIL import Image, ImageDraw
+    from argrpo.grids import as_rows, image_grid
 
-    rows = len(images) // n
     H, W = images.shape[1:3]
-    scale = max(1, 128 // max(H, W))  # small (64 px) images are enlarged so the grid is readable
-    tile_h, tile_w = H * scale + 4, W * scale + 4
-    text_h = 14
-    grid = Image.new("RGB", (max(n * tile_w, 8), rows * (tile_h + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for r in range(rows):
-        y = r * (tile_h + text_h)
-        draw.text((2, y + 1), captions[r][:80], fill=(0, 0, 0))
-        for k in range(n):
-            i = r * n + k
-            tile = Image.fromarray(images[i]).resize((W * scale, H * scale), Image.NEAREST)
-            x = k * tile_w
-            color = (40, 170, 60) if correct[i] else (220, 40, 40)
-            draw.rectangle([x, y + text_h, x + tile_w - 1, y + text_h + tile_h - 1], fill=color)
-            grid.paste(tile, (x + 2, y + text_h + 2))
-    return np.asarray(grid)
+    rows = as_rows(images[: len(images) // n * n], n)
+    frames = [[(40, 170, 60) if ok else (220, 40, 40) for ok in row] for row in as_rows(correct[: len(rows) * n], n)]
+    # small (64 px) images are enlarged so the grid is readable
+    return image_grid(rows, scale=max(1, 128 // max(H, W)), gap=0, captions=[c[:80] for c in captions[: len(rows)]],
+                      frames=frames)
 
 
 def _write_geneval(root: Path, index: int, spec: dict, images: np.ndarray) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from argrpo.grids import image_grid
+from PIL import Image
 
 
 @dataclass
@@ -96,30 +97,17 @@ def _finite(v) -> bool:
 
 
 def comparison_grid(images: dict[str, np.ndarray], prompts: list[str], scale: int = 2) -> Image.Image:
-    """Rows are prompts, column blocks are stages.
+    """Rows are prompts, column blocks are stages (each block headed by its stage's name).
 
     images[stage]: uint8 [P, K, H, W, 3] (K samples of each of the same P prompts).
     """
-    stages = list(images)
-    P, K, H, W, _ = next(iter(images.values())).shape
-    cell_w, cell_h, pad, label_w, head_h = W * scale, H * scale, 4, 220, 18
-    width = label_w + len(stages) * (K * (cell_w + 2) + pad)
-    height = head_h + P * (cell_h + 2)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for s, stage in enumerate(stages):
-        x0 = label_w + s * (K * (cell_w + 2) + pad)
-        draw.text((x0 + 2, 3), stage, fill=(0, 0, 0))
-        arr = images[stage]
+    P, K = next(iter(images.values())).shape[:2]
+    for stage, arr in images.items():
         if arr.shape[:2] != (P, K):
             raise ValueError(f"comparison_grid: stage {stage!r} has {arr.shape[:2]} images, expected {(P, K)}")
-        for p in range(P):
-            for k in range(K):
-                tile = Image.fromarray(arr[p, k]).resize((cell_w, cell_h), Image.NEAREST)
-                canvas.paste(tile, (x0 + k * (cell_w + 2), head_h + p * (cell_h + 2)))
-    for p, prompt in enumerate(prompts):
-        draw.text((4, head_h + p * (cell_h + 2) + cell_h // 2 - 6), _shorten(prompt, 34), fill=(0, 0, 0))
-    return canvas
+    rows = [[images[stage][p, k] for stage in images for k in range(K)] for p in range(P)]
+    headers = [stage if k == 0 else "" for stage in images for k in range(K)]
+    return Image.fromarray(image_grid(rows, scale=scale, labels=[_shorten(t, 34) for t in prompts], headers=headers))
 
 
 def _shorten(text: str, n: int) -> str:

@@ -41,26 +41,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-existing", action="store_true", help="keep prompt folders that are already complete")
 
 
-
-
-
-def image_grid(images, cols: int | None = None):
-    """uint8 [n, H, W, 3] -> one uint8 image, ``cols`` per row (default: ceil(sqrt(n))), 2 px white gaps."""
-    import math
-
-    import numpy as np
-
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    gap = 2
-    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = images[k]
-    return grid
-
-
 def _complete(folder: Path, n: int) -> bool:
     return (folder / "metadata.jsonl").is_file() and all(
         (folder / "samples" / f"{k:05d}.png").is_file() for k in range(n)
@@ -68,6 +48,7 @@ def _complete(folder: Path, n: int) -> bool:
 
 
 def _write_prompt_folder(folder: Path, row: dict, images) -> None:
+    from argrpo.grids import as_rows, image_grid
     from argrpo.models.checkpoint import atomic_dir
     from PIL import Image
 
@@ -76,7 +57,7 @@ def _write_prompt_folder(folder: Path, row: dict, images) -> None:
         (tmp / "metadata.jsonl").write_text(json.dumps(row) + "\n")
         for k, img in enumerate(images):
             Image.fromarray(img).save(tmp / "samples" / f"{k:05d}.png")
-        Image.fromarray(image_grid(images)).save(tmp / "grid.png")
+        Image.fromarray(image_grid(as_rows(images))).save(tmp / "grid.png")
 
 
 @command("sample", help="sample images for a prompt file into GenEval's output layout", configure=configure)
