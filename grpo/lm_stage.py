@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from argrpo.data.captions import CaptionSource
+from argrpo.models.families import family_for_layout
 from argrpo.models.policy import ARGRPO_FILE, PolicyConfig
 from argrpo.models.unwrap import unwrap_model
 
@@ -228,24 +229,26 @@ class CodesCollator:
 
 
 def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the image positions over the visual slice only (no full-vocabulary logits).
+    """Logits of the image positions over the visual codebook only (no full-vocabulary logits).
 
-    batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N].
+    batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N]; layout: the policy's
+    ``ModelFamily`` (a bare ``TokenLayout``: the shared-vocabulary family).
     Returns (logits float32 [B, N, C] predicting image_codes, the decoder's hidden states [B, T, H]).
     """
-    hf = unwrap_model(model)
-    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
-    head = hf.get_output_embeddings()
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        use_cache=False,
+    family = family_for_layout(layout)
+    hidden = family.decoder(model)(
+        **family.decoder_inputs(model, batch["input_ids"]), attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"], use_cache=False,
     ).last_hidden_state  # [B, T, H]
-    codes = batch["image_codes"]  # [B, N]
-    N = codes.shape[1]
-    w = head.weight[layout.visual_slice]  # [C, H]
-    logits = hidden[:, -N - 1 : -1] @ w.T  # [B, N, C]
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[layout.visual_slice]
+    N = batch["image_codes"].shape[1]
+    h = hidden[:, -N - 1 : -1]
+    rows = getattr(family, "visual_head_rows", None)
+    if rows is None:
+        return family.visual_logits(model, h).float(), hidden
+    w, bias = rows(model)  # [C, H]: the visual rows of the LM head
+    logits = h @ w.T  # [B, N, C]
+    if bias is not None:
+        logits = logits + bias
     return logits.float(), hidden
 
 
@@ -267,12 +270,7 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
         m = batch["attention_mask"][:, :L].bool()
         valid = m[:, :-1] & m[:, 1:]  # [B, L-1]: position t predicts prompt token t+1
         if bool(valid.any()):
-            head = unwrap_model(model).get_output_embeddings()
-            h = hidden[:, : L - 1][valid]  # [K, H]
-            wt = head.weight[: layout.text_vocab_size]
-            tl = h @ wt.T
-            if getattr(head, "bias", None) is not None:
-                tl = tl + head.bias[: layout.text_vocab_size]
+            tl = family_for_layout(layout).text_logits(model, hidden[:, : L - 1][valid])  # [K, text ids]
             text_loss = F.cross_entropy(tl.float(), batch["input_ids"][:, 1:L][valid])
             loss = loss + text_loss_weight * text_loss
             metrics["text_loss"] = float(text_loss.detach())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from argrpo.models.families import family_for_layout
 from argrpo.models.layout import TokenLayout
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
@@ -48,7 +49,11 @@ class VisualHeadOutput(ModelOutput):
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor,
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(h, weight, bias).float()
+    return _logprobs_entropy(F.linear(h, weight, bias), codes, temperature)
+
+
+def _logprobs_entropy(logits: torch.Tensor, codes: torch.Tensor, temperature: float):
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)
@@ -90,33 +95,55 @@ def visual_token_logprobs(
     return torch.cat(logps), torch.cat(ents)
 
 
-def _check_plain_head(model) -> None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                "logits_scaling"):
-        value = getattr(cfg, key, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__}: config.{key}={value!r} transforms the logits; the visual head supports "
-                f"plain linear heads only (Qwen2, Llama)"
-            )
+def family_token_logprobs(family, model, hidden: torch.Tensor, codes: torch.Tensor, temperature: float = 1.0,
+                          chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and entropies of ``codes`` under ``softmax(family.visual_logits(hidden) / T)``.
+
+    hidden: [M, H]; codes: int64 [M] in 0..C-1 -> (logp float32 [M], entropy float32 [M]), in chunks of rows under
+    activation checkpointing. A shared-vocabulary head multiplies only the visual rows of the LM head
+    (:func:`visual_token_logprobs`); another family's head (Janus's generation_head MLP) runs as the family says.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
+    head = getattr(family, "visual_head_rows", None)
+    if head is not None:
+        weight, bias = head(model)
+        return visual_token_logprobs(hidden, weight, codes, temperature, bias, chunk_elements)
+    rows = max(1, chunk_elements // max(1, family.layout.codebook_size))
+    need_grad = torch.is_grad_enabled()
+
+    def chunk(h, c):
+        return _logprobs_entropy(family.visual_logits(model, h), c, float(temperature))
+
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], rows):
+        args = (hidden[s : s + rows], codes[s : s + rows])
+        lp, ent = checkpoint(chunk, *args, use_reentrant=False) if need_grad else chunk(*args)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(ents)
 
 
-def install_visual_head(model, layout: TokenLayout, temperature: float,
-                        chunk_elements: int = CHUNK_ELEMENTS) -> None:
+def install_visual_head(model, layout, temperature: float, chunk_elements: int = CHUNK_ELEMENTS) -> None:
     """Patch ``model`` so ``model(..., labels=L, fused_lm_head=True)`` scores visual labels over the visual slice.
 
-    ``model`` is the Hugging Face causal LM (for a peft model, its ``get_base_model()``), usually after TRL added
-    its own fused head; calls without ``fused_lm_head=True`` (generation, plain forward) go to the previous forward
-    untouched. A scored label outside the visual slice is an error: the sampler can never produce one.
+    ``model`` is the Hugging Face model (for a peft model, its ``get_base_model()``), usually after TRL added its
+    own fused head; ``layout`` its ``ModelFamily`` (a bare ``TokenLayout``: the shared-vocabulary family). Calls
+    without ``fused_lm_head=True`` (generation, plain forward) go to the previous forward untouched. A scored label
+    outside the visual slice is an error: the sampler can never produce one.
     """
     if getattr(model, "_argrpo_visual_head", None) is not None:
         raise ValueError(f"{type(model).__name__} already has a visual head installed")
-    _check_plain_head(model)
+    family = family_for_layout(layout)
+    layout = family.layout
+    family.check_scoring(model)
     previous = model.forward
-    vs = layout.visual_slice
     offset, end = layout.visual_offset, layout.visual_end
     temp = float(temperature)
+    decoder = family.decoder(model)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
@@ -128,11 +155,14 @@ def install_visual_head(model, layout: TokenLayout, temperature: float,
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
         kwargs.pop("output_router_logits", None)
-        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if kwargs.get("input_ids") is not None:
+            kwargs.update(family.decoder_inputs(self, kwargs.pop("input_ids")))
+        hidden = decoder(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
-        head = self.get_output_embeddings()
-        shift_labels = shift_labels.to(head.weight.device)
+        shift_labels = shift_labels.to(hidden.device)
         mask = shift_labels != -100
         ids = shift_labels[mask]
         if ids.numel() and (int(ids.min()) < offset or int(ids.max()) >= end):
@@ -140,9 +170,7 @@ def install_visual_head(model, layout: TokenLayout, temperature: float,
                 f"visual head: a scored label lies outside the visual ids [{offset}, {end}); the completion must "
                 f"hold image tokens only"
             )
-        bias = head.bias[vs] if getattr(head, "bias", None) is not None else None
-        logp, ent = visual_token_logprobs(hidden.to(head.weight.device)[mask], head.weight[vs], ids - offset,
-                                          temp, bias, chunk_elements)
+        logp, ent = family_token_logprobs(family, self, hidden[mask], ids - offset, temp, chunk_elements)
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero, not a backward error)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
@@ -150,12 +178,13 @@ def install_visual_head(model, layout: TokenLayout, temperature: float,
         return VisualHeadOutput(loss=-log_probs.sum() / n, log_probs=log_probs, entropy=entropy)
 
     model.forward = types.MethodType(forward, model)
-    model._argrpo_visual_head = {"layout": layout, "temperature": temp}
+    model._argrpo_visual_head = {"layout": layout, "family": family, "temperature": temp}
 
 
 def reference_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                        layout: TokenLayout, temperature: float) -> torch.Tensor:
-    """Plain-logits reference for tests and checks: [B, L] ids -> float32 [B, n_completion] visual-slice logprobs."""
+    """Plain-logits reference for tests and checks (shared vocabulary): [B, L] ids -> float32 [B, n_completion]
+    visual-slice logprobs."""
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logits = logits[:, -n_completion - 1 : -1, layout.visual_slice].float() / temperature

@@ -215,8 +215,12 @@ def apply_lora(
     alpha: int = 32,
     dropout: float = 0.0,
     target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
+    family=None,
 ):
     """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters on ``target_modules`` (never lm_head/embeddings).
+
+    ``family``: the model's ``ModelFamily``; one with ``lora_targets`` narrows the names to its language model
+    (Janus: the understanding tower has projections of the same names).
 
     Only adapter weights are trainable afterwards. The base keeps its ``name_or_path``, which ``save_policy``
     records as the base reference, so the base should be a saved checkpoint (``load_policy`` output).
@@ -233,6 +237,8 @@ def apply_lora(
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(f"apply_lora: target modules {missing} not found in {type(model).__name__}")
+    if family is not None and hasattr(family, "lora_targets"):
+        targets = family.lora_targets(targets)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                      task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
@@ -257,6 +263,7 @@ class LoadedPolicy:
         layout: the checkpoint's ``TokenLayout``.
         image_tokenizer_path: absolute path of the image tokenizer directory, or None when none is recorded.
         path: the checkpoint directory.
+        family: the checkpoint's ``models.families.ModelFamily`` (detected from the checkpoint itself).
     """
 
     model: Any
@@ -264,6 +271,17 @@ class LoadedPolicy:
     layout: TokenLayout
     image_tokenizer_path: Path | None
     path: Path
+    family: Any = None
+
+    def image_decoder(self):
+        """The image tokenizer to decode this policy's codes: the checkpoint's own decoder (Janus's VQ-VAE) or the
+        directory it records (None when it has neither)."""
+        own = self.family.image_decoder(self.model) if self.family is not None else None
+        if own is not None or self.image_tokenizer_path is None:
+            return own
+        from argrpo.models.image_tokenizers import load_image_tokenizer
+
+        return load_image_tokenizer(self.image_tokenizer_path)
 
 
 def save_policy(
@@ -288,11 +306,12 @@ def save_policy(
         extra: free-form JSON-serialisable metadata stored under ``"extra"`` in argrpo.json.
     Returns the checkpoint path.
     """
+    from argrpo.models.families import family_of_model_type
+
     path = Path(path).absolute()
     base = unwrap_model(model)
-    vocab = base.get_input_embeddings().weight.shape[0]
-    if vocab < layout.visual_end:
-        raise ValueError(f"save_policy({path}): the model's vocabulary {vocab} < layout visual_end {layout.visual_end}")
+    family = family_of_model_type(getattr(base.config, "model_type", None))(layout)
+    family.check_vocab(model, f"save_policy({path})")
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         raise ValueError(f"save_policy({path}): a text tokenizer is required (it is saved beside the weights)")
     if len(tokenizer) != layout.text_vocab_size:
@@ -300,8 +319,8 @@ def save_policy(
             f"save_policy({path}): len(tokenizer) = {len(tokenizer)} but layout.text_vocab_size = "
             f"{layout.text_vocab_size}"
         )
-    meta: dict[str, Any] = {"format": FORMAT_VERSION, "layout": layout.to_dict(), "image_tokenizer": None,
-                            "base_model": None, "extra": extra or {}}
+    meta: dict[str, Any] = {"format": FORMAT_VERSION, "family": family.name, "layout": layout.to_dict(),
+                            "image_tokenizer": None, "base_model": None, "extra": extra or {}}
     lora = is_peft_model(model)
     if lora:
         base_ref = Path(base_model_path or getattr(base, "name_or_path", "") or "")
@@ -364,13 +383,15 @@ def _check_expected(path: Path, saved: TokenLayout, expected: TokenLayout | str 
     if expected is None:
         return
     if isinstance(expected, str):
-        if expected == "simplear":
-            expected = layout_preset("simplear", text_vocab_size=n_tokenizer, **layout_kwargs)
-        elif expected != saved.name:
+        # the checkpoint's own argrpo.json is the authority: a preset name only has to agree with the saved name
+        # (a SimpleAR checkpoint converted at 512 px stays 32 x 32 under a recipe that says `layout: simplear`);
+        # explicit preset options are still checked against it
+        if expected != saved.name:
             raise ValueError(f"checkpoint {path}: layout mismatch on 'name': expected {expected!r}, "
                              f"found {saved.name!r}")
-        else:
+        if expected != "simplear" or not layout_kwargs:
             return
+        expected = layout_preset("simplear", text_vocab_size=n_tokenizer, **layout_kwargs)
     expected.check_compatible(saved, what=f"checkpoint {path}")
 
 
@@ -427,7 +448,33 @@ def load_policy(
     trainable: bool = False,
     layout_kwargs: dict | None = None,
 ) -> LoadedPolicy:
-    """Load a checkpoint written by ``save_policy`` (full or LoRA), or a released SimpleAR directory.
+    """Load a checkpoint of any model family (``models.families``): written by ``save_policy`` (full or LoRA), a
+    released SimpleAR directory, or a family's own Hugging Face directory as shipped (Janus-Pro).
+
+    The family comes from the checkpoint (argrpo.json ``family``, else config.json ``model_type``); ``layout`` is
+    only checked against it. See ``_load_shared_vocab`` for the shared-vocabulary family's arguments.
+    """
+    from argrpo.models.families import detect_family
+
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise MissingFileError(f"policy checkpoint not found: {path}")
+    meta = read_policy_meta(path) if (path / ARGRPO_FILE).is_file() else None
+    family = detect_family(path, meta)
+    return family.load(path, meta, expected=layout, device=device, dtype=dtype, trainable=trainable,
+                       layout_kwargs=layout_kwargs)
+
+
+def _load_shared_vocab(
+    path: str | Path,
+    meta: dict | None,
+    layout: TokenLayout | str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    trainable: bool = False,
+    layout_kwargs: dict | None = None,
+) -> LoadedPolicy:
+    """Load a shared-vocabulary checkpoint written by ``save_policy`` (full or LoRA), or a released SimpleAR directory.
 
     Args:
         layout: the layout the caller expects. A ``TokenLayout`` or preset name is checked against argrpo.json
@@ -440,9 +487,6 @@ def load_policy(
             for a 512 px SimpleAR model (the preset defaults to 1024 px, a 64x64 grid).
     """
     path = Path(path).absolute()
-    if not path.is_dir():
-        raise MissingFileError(f"policy checkpoint not found: {path}")
-    meta = read_policy_meta(path)
     is_adapter = (path / "adapter_config.json").is_file()
     if not is_adapter and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither config.json nor adapter_config.json; not a model checkpoint")
@@ -612,5 +656,5 @@ def policy_from_config(cfg: PolicyConfig, layout: TokenLayout | None = None, dev
                              tie_word_embeddings=cfg.tie_word_embeddings, dtype=cfg.dtype).to(device)
     if cfg.lora.enabled:
         model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules)
+                           target_modules=cfg.lora.target_modules, family=loaded.family if loaded else None)
     return model, loaded

@@ -252,8 +252,10 @@ def test_simplear_512_options(tmp_path):
     lay = load_policy(d, layout="simplear", layout_kwargs={"grid": (32, 32), "image_size": (512, 512)}).layout
     assert lay.n_image_tokens == 1024 and lay.visual_offset == len(tok)
     out = save_policy(tmp_path / "s512", load_policy(d, layout=lay).model, tok, lay)
-    with pytest.raises(ValueError, match="grid"):
-        load_policy(out, layout="simplear")  # the 1024 px preset expects a 64x64 grid
+    # the checkpoint's argrpo.json is the authority over the preset name (the preset's default is 1024 px, 64x64)
+    assert load_policy(out, layout="simplear").layout == lay
+    with pytest.raises(ValueError, match="grid"):  # explicit preset options that disagree are still refused
+        load_policy(out, layout="simplear", layout_kwargs={"grid": (64, 64), "image_size": (1024, 1024)})
 
 
 def test_simplear_too_small_vocab_is_clear(tmp_path):

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from argrpo.rollout.engines.kv_cache import compact, crop, preallocated_cache, select_rows
 from argrpo.rollout.sampling import final_logprobs, resolve_seed, sample_from_logprobs
 from argrpo.rollout.types import Rollout, SamplingParams
 
@@ -118,77 +118,6 @@ class JacobiStats:
         }
 
 
-# ---- the KV cache ----------------------------------------------------------------------------------------------
-def _compacting_cache(config, capacity: int):
-    """A DynamicCache whose layers write into one preallocated ``[rows, kv_heads, capacity, head_dim]`` buffer each
-    and can move columns per row (:func:`_compact`) and drop rows (:func:`_select_rows`) in place."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class _Layer(DynamicLayer):
-        def __init__(self):
-            super().__init__()
-            self.length = 0
-
-        def lazy_initialization(self, key_states, value_states):
-            self.dtype, self.device = key_states.dtype, key_states.device
-            h, d = key_states.shape[1], key_states.shape[-1]
-            self.buf_k = key_states.new_empty(key_states.shape[0], h, capacity, d)
-            self.buf_v = value_states.new_empty(value_states.shape[0], h, capacity, value_states.shape[-1])
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            if end > capacity:
-                raise RuntimeError(f"KV cache capacity {capacity} exceeded")
-            self.buf_k[:, :, self.length : end] = key_states
-            self.buf_v[:, :, self.length : end] = value_states
-            self.set_length(end)
-            return self.keys, self.values
-
-        def set_length(self, n: int) -> None:
-            self.length = n
-            self.keys, self.values = self.buf_k[:, :, :n], self.buf_v[:, :, :n]
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-    cache = DynamicCache(config=config)
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(
-                f"Jacobi decoding needs plain full-attention KV cache layers; this model has {type(layer).__name__}"
-            )
-    cache.layers = [_Layer() for _ in cache.layers]
-    return cache
-
-
-def _compact(cache, start: int, width: int, dst: torch.Tensor, new_len: int) -> None:
-    """Per row r, move cache columns [start, start + width) to [dst_r, dst_r + width) (dst_r <= start); then
-    the cache holds ``new_len`` columns."""
-    moved = bool((dst != start).any())
-    for layer in cache.layers:
-        if moved:
-            idx = dst[:, None] + torch.arange(width, device=dst.device)  # [R, width]
-            for buf in (layer.buf_k, layer.buf_v):
-                src = buf[:, :, start : start + width].clone()
-                buf.scatter_(2, idx[:, None, :, None].expand_as(src), src)
-        layer.set_length(new_len)
-
-
-def _crop(cache, n: int) -> None:
-    for layer in cache.layers:
-        layer.set_length(n)
-
-
-def _select_rows(cache, rows: torch.Tensor) -> None:
-    for layer in cache.layers:
-        layer.buf_k, layer.buf_v = layer.buf_k[rows], layer.buf_v[rows]
-        layer.set_length(layer.length)
-
-
 # ---- public entry point ----------------------------------------------------------------------------------------
 @torch.inference_mode()
 def jacobi_generate(
@@ -222,14 +151,15 @@ def jacobi_generate(
     prompts = engine._check_prompts(prompt_ids)
     n = sampling.n
     B = len(prompts) * n
-    uncond = engine._uncond_prompt_ids(sampling) if sampling.use_cfg else None
+    uncond = engine._uncond_prompts(prompts, sampling) if sampling.use_cfg else None
     seed = None if sampling.greedy else resolve_seed(sampling.seed)
     chunk = engine.max_batch_rows or B
     codes, logps = [], []
     for start in range(0, B, chunk):
         rows = torch.arange(start, min(start + chunk, B))
         c, lp = _JacobiBatch(engine, sampling, window, init, _rule, own, couple, copy_left, copy_up).run(
-            [prompts[int(r) // n] for r in rows], uncond, None if seed is None else [seed + int(r) for r in rows]
+            [prompts[int(r) // n] for r in rows], None if uncond is None else [uncond[int(r) // n] for r in rows],
+            None if seed is None else [seed + int(r) for r in rows]
         )
         codes.append(c)
         logps.append(lp)
@@ -273,11 +203,9 @@ class _JacobiBatch:
 
     def __init__(self, engine, sampling: SamplingParams, window: int, init: str, rule: str, stats: JacobiStats,
                  couple: bool = True, copy_left: float = 0.0, copy_up: float = 0.0):
-        from argrpo.rollout.engines.torch_engine import _unwrap
-
         self.engine, self.sampling, self.W, self.init, self.rule, self.stats = engine, sampling, window, init, rule, stats
         self.couple, self.copy_left, self.copy_up = couple, float(copy_left), float(copy_up)
-        self.hf, _ = _unwrap(engine.model)
+        self.config = engine.decoder.config
         self.dev = engine.device
         self.N = engine.layout.n_image_tokens
         self.C = engine.layout.codebook_size
@@ -380,16 +308,7 @@ class _JacobiBatch:
             out = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                             use_cache=True, logits_to_keep=keep)
             return out.logits[:, -keep:, vs]
-        h = self.hf.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True
-        ).last_hidden_state[:, -keep:]
-        head = self.hf.get_output_embeddings()
-        bias = head.bias[vs] if getattr(head, "bias", None) is not None else None
-        logits = F.linear(h, head.weight[vs], bias)  # visual rows of the head only (a view of W)
-        cap = getattr(self.hf.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return eng.family.visual_logits(eng.model, eng._hidden(ids, mask, pos, self.cache, keep))
 
     def _mask(self, T: int, q: int) -> torch.Tensor:
         """Attention mask for ``q`` new columns appended at physical column ``T``.
@@ -400,11 +319,11 @@ class _JacobiBatch:
         """
         cols = torch.arange(T + q, device=self.dev)
         key_ok = (cols >= self.pad[:, None]) & ((cols < self.vlen[:, None]) | (cols >= T))  # [R, T + q]
-        if self.hf.config._attn_implementation not in ("sdpa", "eager"):
+        if self.config._attn_implementation not in ("sdpa", "eager"):
             return key_ok.long()
         causal = cols[None, :] <= (T + torch.arange(q, device=self.dev))[:, None]  # [q, T + q]
         allowed = key_ok[:, None, :] & causal[None]
-        dtype = next(self.hf.parameters()).dtype
+        dtype = next(self.engine.decoder.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.dev).masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
 
@@ -412,7 +331,7 @@ class _JacobiBatch:
         """Keep only the cond rows ``keep`` (indices into the active rows) and their uncond partners."""
         b = self.acc.numel()
         cache_rows = torch.cat([keep, keep + b]) if self.cfg else keep
-        _select_rows(self.cache, cache_rows)
+        select_rows(self.cache, cache_rows)
         for name in ("acc", "drafts", "q", "out", "out_lp", "steps", "active"):
             v = getattr(self, name)
             if v is not None:
@@ -421,12 +340,13 @@ class _JacobiBatch:
             setattr(self, name, getattr(self, name)[cache_rows])
 
     # -- the loop
-    def run(self, prompts: list[list[int]], uncond: list[int] | None, seeds: list[int] | None):
-        """prompts: b lists of ids (one per sample) -> (codes int64 [b, N], sampler logprobs float32 [b, N])."""
+    def run(self, prompts: list[list[int]], uncond: list[list[int]] | None, seeds: list[int] | None):
+        """prompts: b lists of ids (one per sample), uncond: their b unconditional prompts (None: no CFG)
+        -> (codes int64 [b, N], sampler logprobs float32 [b, N])."""
         dev, N, C, W, sp = self.dev, self.N, self.C, self.W, self.sampling
         b = len(prompts)
         self.cfg = uncond is not None
-        seqs = prompts + ([uncond] * b if self.cfg else [])
+        seqs = prompts + (list(uncond) if self.cfg else [])
         Lp = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), Lp), self.engine.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -435,7 +355,7 @@ class _JacobiBatch:
         self.pad = Lp - self.plen
         self.vlen = torch.zeros_like(self.plen)  # nothing cached yet
         self.committed = ids.to(dev)  # the whole prompt block goes in with the first pass
-        self.cache = _compacting_cache(self.hf.config, Lp + N + W)
+        self.cache = preallocated_cache(self.config, Lp + N + W, strict=True)
         self.gens = None
         if seeds is not None:
             self.gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -520,7 +440,7 @@ class _JacobiBatch:
             na_r = torch.cat([na, na]) if self.cfg else na
             dst = self.vlen.clone()
             self.vlen = self.vlen + m + na_r
-            _compact(self.cache, T, m + w, dst, int(self.vlen.max()))
+            compact(self.cache, T, m + w, dst, int(self.vlen.max()))
             self.acc = self.acc + gained
 
             # -- finished rows leave
@@ -535,7 +455,7 @@ class _JacobiBatch:
                 self._select(keep)
                 if not self.acc.numel():
                     break
-                _crop(self.cache, int(self.vlen.max()))
+                crop(self.cache, int(self.vlen.max()))
             b = self.acc.numel()
 
             # -- next window: re-draft what follows the new token from this pass's p, new positions from init

@@ -1,13 +1,14 @@
 """The built-in PyTorch rollout engine: batched, KV-cached, fixed-length visual-token sampling.
 
-Per call (``B = P * n`` samples, ``N = layout.n_image_tokens``):
+The model family (``models.families``) says how image codes are embedded and scored; this module never asks
+which family it runs. Per call (``B = P * n`` samples, ``N = layout.n_image_tokens``):
 
-1. Prefill once per distinct prompt (plus the one unconditional prompt when CFG is on), left-padded to a common
+1. Prefill once per distinct prompt (plus each distinct unconditional prompt when CFG is on), left-padded to a common
    length with an attention mask and position ids that start at 0 on each row's first real token.
 2. Expand the KV cache to ``B`` conditional rows (+ ``B`` unconditional rows with CFG): the cond and uncond
    branches advance in the same forward pass, ``[2B, 1]`` tokens per step.
-3. Each step computes the LM head only for the last position and only for the visual rows of the output
-   embedding (``hidden @ W[visual].T``: ``C`` instead of ``V`` outputs), then samples with
+3. Each step computes the family's visual logits for the last position only (shared vocabulary: the visual rows
+   of the output embedding, ``hidden @ W[visual].T``: ``C`` instead of ``V`` outputs), then samples with
    :mod:`rollout.sampling`. ``N`` tokens take ``N`` forward passes (the prefill yields the first).
 
 Sampling is seeded per sample (``seed + row``), so results do not depend on batch size or chunking.
@@ -19,8 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from argrpo.models.families import family_for_layout, unwrap_model
 from argrpo.models.layout import TokenLayout
-from argrpo.rollout.engines.base import encode_prompts, register_engine
+from argrpo.rollout.engines.base import register_engine
+from argrpo.rollout.engines.kv_cache import preallocated_cache
 from argrpo.rollout.sampling import draw_uniforms, resolve_seed, sample_step
 from argrpo.rollout.types import Rollout, SamplingParams
 
@@ -95,53 +98,6 @@ def column_major_linears(module) -> int:
     return n
 
 
-def _preallocated_cache(config, capacity: int):
-    """A DynamicCache whose full-attention layers write into buffers sized for the whole call.
-
-    DynamicCache concatenates every step (O(N^2) copying over N steps, measured 17% of a decode step); these
-    layers keep one ``[rows, kv_heads, capacity, head_dim]`` buffer and hand out growing views. Sliding-window
-    or other special layers are left as transformers built them.
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class _Layer(DynamicLayer):
-        def __init__(self):
-            super().__init__()
-            self.length = 0
-
-        def lazy_initialization(self, key_states, value_states):
-            self.dtype, self.device = key_states.dtype, key_states.device
-            b, h, _, _ = key_states.shape
-            self._k = key_states.new_empty(b, h, capacity, key_states.shape[-1])
-            self._v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            if end > capacity:
-                raise RuntimeError(f"KV cache capacity {capacity} exceeded")
-            self._k[:, :, self.length : end] = key_states
-            self._v[:, :, self.length : end] = value_states
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def batch_select_indices(self, indices):
-            if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    cache = DynamicCache(config=config)
-    cache.layers = [_Layer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def _unwrap(model):
     """(HF causal LM, is_peft): the model whose decoder and output embedding we call (LoRA layers stay inside)."""
     try:
@@ -159,12 +115,15 @@ class TorchEngine:
 
     Args:
         model: the policy; moved to ``device`` and put in eval mode.
-        layout: where the visual codebook sits in the vocabulary.
+        layout: where the visual codebook sits in the vocabulary (a ``TokenLayout``, read as the shared-vocabulary
+            family, or a ``models.families.ModelFamily``).
         device: torch device.
         tokenizer: text tokenizer; needed for CFG's unconditional/negative prompt unless ``uncond_prompt_ids``.
-        uncond_prompt_ids: token ids of the unconditional prompt (default: ``layout.uncond_prompt`` tokenized).
+        uncond_prompt_ids: token ids of one unconditional prompt for every row (default: the family's
+            unconditional prompt of each prompt).
         max_batch_rows: most samples per forward batch (CFG doubles the rows); larger calls run in chunks.
-        visual_head: compute only the visual rows of the LM head (off: full head, then slice; same numbers).
+        visual_head: compute only the visual rows of the LM head (off: full head, then slice; same numbers; shared
+            vocabulary only).
         pad_token_id: id placed in left padding (masked out, any valid id works).
         column_major_weights: re-lay the decoder's linear weights for faster CPU GEMMs (see
             :func:`column_major_linears`); only when the engine owns its model (a rollout worker that loaded it),
@@ -182,23 +141,23 @@ class TorchEngine:
         visual_head: bool = True,
         pad_token_id: int | None = None,
         column_major_weights: bool = False,
+        family=None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.layout = layout
+        self.family = family if family is not None else family_for_layout(layout)
+        self.layout = layout = self.family.layout
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
         self.visual_head = visual_head
         self.weight_version = 0
-        hf, self.is_peft = _unwrap(self.model)
-        vocab = hf.get_output_embeddings().weight.shape[0]
-        if vocab < layout.visual_end:
-            raise ValueError(
-                f"model output vocabulary {vocab} is smaller than the layout's visual_end {layout.visual_end}"
-            )
-        self.vocab_size = vocab
+        _, self.is_peft = _unwrap(self.model)
+        self.family.check_vocab(self.model, "TorchEngine")
+        # prompts may hold any id the model embeds: text ids and, past them, visual ids
+        self.vocab_size = max(layout.visual_end, unwrap_model(self.model).get_output_embeddings().weight.shape[0])
+        self.decoder = self.family.decoder(self.model)
         if column_major_weights and self.device.type == "cpu":
-            column_major_linears(hf.get_decoder())  # the LM head stays (tied to the embeddings in some models)
+            column_major_linears(self.decoder)  # the LM head stays (tied to the embeddings in some models)
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
@@ -220,7 +179,7 @@ class TorchEngine:
         prompts = self._check_prompts(prompt_ids)
         n, N = sampling.n, self.layout.n_image_tokens
         B = len(prompts) * n
-        uncond = self._uncond_prompt_ids(sampling) if sampling.use_cfg else None
+        uncond = self._uncond_prompts(prompts, sampling) if sampling.use_cfg else None
         uniforms = None if sampling.greedy else draw_uniforms(resolve_seed(sampling.seed), B, N, self.device)
         chunk = self.max_batch_rows or B
         codes, logps = [], []
@@ -296,47 +255,54 @@ class TorchEngine:
             out.append(ids)
         return out
 
-    def _uncond_prompt_ids(self, sampling: SamplingParams) -> list[int]:
+    def _uncond_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """The unconditional prompt of each prompt [P] (a negative prompt or ``uncond_prompt_ids``: the same one
+        for all)."""
         if sampling.negative_prompt is not None:
             if self.tokenizer is None:
                 raise ValueError("a negative_prompt needs the engine's tokenizer (TorchEngine(tokenizer=...))")
-            return encode_prompts(self.tokenizer, self.layout, [sampling.negative_prompt])[0]
-        if self._uncond_ids is None:
-            if self.tokenizer is None:
-                raise ValueError(
-                    "CFG needs the unconditional prompt: build TorchEngine with tokenizer= or uncond_prompt_ids="
-                )
-            self._uncond_ids = encode_prompts(self.tokenizer, self.layout, [self.layout.uncond_caption])[0]
-        return self._uncond_ids
+            return [self.family.encode_prompts(self.tokenizer, [sampling.negative_prompt])[0]] * len(prompts)
+        if self._uncond_ids is not None:
+            return [self._uncond_ids] * len(prompts)
+        if self.tokenizer is None:
+            raise ValueError(
+                "CFG needs the unconditional prompt: build TorchEngine with tokenizer= or uncond_prompt_ids="
+            )
+        return [self.family.uncond_prompt_ids(self.tokenizer, p) for p in prompts]
+
+    def _hidden(self, ids, mask, pos, cache, keep: int) -> torch.Tensor:
+        """Decoder hidden states of the last ``keep`` positions, [R, keep, H]."""
+        return self.decoder(
+            **self.family.decoder_inputs(self.model, ids), attention_mask=mask, position_ids=pos,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state[:, -keep:]
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         """One forward step -> logits of the last position over the visual codes only, [R, C]."""
-        hf, _ = _unwrap(self.model)
         if not self.visual_head:
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1,
             )
             return out.logits[:, -1, self.layout.visual_slice]
-        h = hf.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-        ).last_hidden_state[:, -1]
-        head = hf.get_output_embeddings()
-        vs = self.layout.visual_slice
-        bias = head.bias[vs] if getattr(head, "bias", None) is not None else None
-        logits = F.linear(h, head.weight[vs], bias)  # a row slice of W is a view: no copy of the head
-        cap = getattr(hf.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.family.visual_logits(self.model, self._hidden(ids, mask, pos, cache, 1)[:, -1])
 
     def _sample_rows(self, prompts, row_prompt, uncond, sampling, uniforms):
-        """Sample the rows whose prompt indices are ``row_prompt`` [b] -> (codes [b, N], logprobs [b, N])."""
-        hf, _ = _unwrap(self.model)
+        """Sample the rows whose prompt indices are ``row_prompt`` [b] -> (codes [b, N], logprobs [b, N]).
+
+        uncond: the unconditional prompt of each prompt [P], or None without CFG.
+        """
+        config = self.decoder.config
         dev, N = self.device, self.layout.n_image_tokens
         b = row_prompt.numel()
         distinct = torch.unique(row_prompt)
-        seqs = [prompts[int(p)] for p in distinct] + ([uncond] if uncond is not None else [])
+        seqs = [prompts[int(p)] for p in distinct]
+        if uncond is not None:
+            # one prefill row per distinct unconditional prompt (one in all for a shared-vocabulary model)
+            uncond_rows: dict[tuple, int] = {}
+            for p in distinct.tolist():
+                uncond_rows.setdefault(tuple(uncond[p]), len(seqs) + len(uncond_rows))
+            seqs += [list(u) for u in uncond_rows]
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -346,26 +312,27 @@ class TorchEngine:
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
 
-        cache = _preallocated_cache(hf.config, L + N)
+        cache = preallocated_cache(config, L + N)
         logits = self._forward(ids, mask, pos, cache)
-        # prefill rows -> sample rows: cond rows first, then (with CFG) as many rows of the one uncond prefill
+        # prefill rows -> sample rows: cond rows first, then (with CFG) each row's uncond prefill row
         select = torch.searchsorted(distinct, row_prompt)
         if uncond is not None:
-            select = torch.cat([select, torch.full((b,), len(seqs) - 1, dtype=torch.long)])
+            select = torch.cat([select, torch.tensor([uncond_rows[tuple(uncond[int(p)])] for p in row_prompt],
+                                                     dtype=torch.long)])
         select = select.to(dev)
         cache.batch_select_indices(select)
         logits, mask, last_pos = logits[select], mask[select], pos[select, -1]
         full_mask = torch.cat([mask, mask.new_ones(len(select), N)], dim=1)
-        if hf.config._attn_implementation in ("sdpa", "eager", _GQA_DECODE_ATTENTION):
+        if config._attn_implementation in ("sdpa", "eager", _GQA_DECODE_ATTENTION):
             # a ready 4D additive mask skips transformers' per-step mask construction (one query row per step)
-            dtype = next(hf.parameters()).dtype
+            dtype = next(self.decoder.parameters()).dtype
             full_mask = torch.zeros(full_mask.shape, dtype=dtype, device=dev).masked_fill_(
                 full_mask == 0, torch.finfo(dtype).min
             )[:, None, None, :]
 
         codes = torch.empty(b, N, dtype=torch.long, device=dev)
         logps = torch.empty(b, N, dtype=torch.float32, device=dev)
-        with _decode_attention(hf.config):
+        with _decode_attention(config):
             for t in range(N):
                 cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
                 c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, t])

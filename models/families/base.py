@@ -1,0 +1,111 @@
+"""The model-family interface: the few places where released autoregressive text-to-image models differ.
+
+Every consumer (rollout engines, the learner's log-probs, the pretrain/SFT loss, eval, sample, weight sync) holds a
+``ModelFamily`` and calls it; none asks which family it has. Token ids stay in one coordinate system for all
+families, the family's ``TokenLayout``: text ids first, then ``codebook_size`` visual ids from ``visual_offset``.
+For a shared-vocabulary model (SimpleAR) those are rows of its own vocabulary; for a model with a separate image
+vocabulary (Janus-Pro) they are ids past the text vocabulary that only the family's :meth:`decoder_inputs` maps.
+
+What a family answers:
+    decoder(model) / decoder_inputs(model, ids)     the transformer stack, and what it is fed for mixed ids
+    visual_logits(model, hidden)                    [..., H] -> [..., C] logits over the codebook
+    encode_prompts / uncond_prompt_ids              the prompt template and CFG's unconditional prompt
+    forced_tokens                                   {completion position: LM id} never sampled (Emu3 row ends)
+    image_decoder(model)                            codes -> pixels when the checkpoint holds its own decoder
+    load / save                                     the family's own Hugging Face format
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from argrpo.models.layout import TokenLayout
+from argrpo.models.unwrap import unwrap_model
+
+
+class ModelFamily(ABC):
+    """One family's answers (see the module docstring). Instances are cheap and carry the checkpoint's layout.
+
+    Class attributes:
+        name: family name (argrpo.json ``family``, config ``policy.family``).
+        model_types: config.json ``model_type`` values this family loads as shipped (none: only via argrpo.json).
+        vllm: whether the vLLM engine can generate this family.
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    vllm: bool = False
+
+    def __init__(self, layout: TokenLayout):
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layout.name!r}, grid={self.layout.grid})"
+
+    # ---- the network ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def decoder(self, model) -> torch.nn.Module:
+        """The transformer stack of ``model`` (any wrapper): called with ``decoder_inputs`` plus attention_mask,
+        position_ids, past_key_values, use_cache; returns ``last_hidden_state`` [B, T, H]. Its ``config`` is the
+        text config (KV cache shape, attention implementation)."""
+
+    @abstractmethod
+    def decoder_inputs(self, model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ids int64 [B, T] (text and visual LM ids mixed) -> ``{"input_ids": ...}`` or ``{"inputs_embeds": ...}``."""
+
+    @abstractmethod
+    def visual_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., C] over the codebook (never over the full vocabulary)."""
+
+    def text_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., text_vocab_size] over the text ids (the SFT text loss)."""
+        head = unwrap_model(model).get_output_embeddings()
+        n = self.layout.text_vocab_size
+        logits = hidden @ head.weight[:n].T
+        return logits + head.bias[:n] if getattr(head, "bias", None) is not None else logits
+
+    def check_scoring(self, model) -> None:
+        """Raise when the learner's visual log-probs cannot be computed for ``model`` (e.g. unsupported logit
+        transforms); the default accepts any model."""
+        return None
+
+    # ---- prompts -------------------------------------------------------------------------------------------------
+    def encode_prompts(self, tokenizer, captions: list[str]) -> list[list[int]]:
+        """Captions -> prompt token ids ending right before the first image token."""
+        texts = [self.layout.format_prompt(c) for c in captions]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    @abstractmethod
+    def uncond_prompt_ids(self, tokenizer, prompt_ids: list[int]) -> list[int]:
+        """CFG's unconditional prompt for one conditional prompt."""
+
+    @property
+    def forced_tokens(self) -> dict[int, int]:
+        """{completion position: LM id} placed by the engine without sampling (no log-prob, no loss); empty for
+        families whose images are ``grid_h * grid_w`` sampled codes."""
+        return {}
+
+    # ---- pixels --------------------------------------------------------------------------------------------------
+    def image_decoder(self, model) -> Any | None:
+        """An ImageTokenizer-like decoder (``decode(codes [B, h, w]) -> uint8 [B, H, W, 3]``, ``codebook_size``,
+        ``grid``) held by the checkpoint itself, or None when the image tokenizer is a separate directory."""
+        return None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def load(cls, path, meta: dict | None, expected=None, device="cpu", dtype=None, trainable: bool = False,
+             layout_kwargs: dict | None = None):
+        """Read a checkpoint directory of this family -> ``models.policy.LoadedPolicy``."""
+
+    def save(self, path, model, tokenizer, **kwargs):
+        """Write ``model`` in this family's own Hugging Face format plus argrpo.json (atomically)."""
+        from argrpo.models.policy import save_policy
+
+        return save_policy(path, model, tokenizer, self.layout, **kwargs)  # records the family it detects
+
+    def rollout_model(self, model):
+        """Drop what a rollout worker never runs (in place; returns the model). Default: nothing."""
+        return model
