@@ -37,7 +37,7 @@ first allocates AdamW's state and warms the kernels). Split: rollout (the replay
 generation-batch work: old and reference log-probs, advantages), forward+backward, optimizer; peak GPU memory
 (``torch.cuda.max_memory_allocated``; peak RSS on CPU) over both steps; whether the step moved the trainable weights.
 
-Time guard: the run has ``--budget-s`` seconds (420 by default); the rollout section gets 60% of what is left when it
+Time guard: the run has ``--budget-s`` seconds (420 by default); the rollout section gets 65% of what is left when it
 starts and shares it between its calls (the torch engine's calls weighted 3:1 over the baseline's), the learner
 section the rest; a learner variant that would not fit is skipped and says so. Results are written after every
 measurement, so a run stopped from outside still leaves what it measured.
@@ -88,6 +88,8 @@ CASES = {
     "simplear-0.5b": Case("0.5b", 151_672, 64_000, (64, 64), (12, 40), (1.0, 3.0), 64, 4, 32, 64, 8192),
     "tiny": Case("tiny", 512, 256, (4, 8), (4, 12), (1.0, 3.0), 8, 4, 32, 8, 256),
 }
+LATE_STEP_FACTOR = {"torch": 1.2, "hf": 1.5}  # sizing margin of a timed call over its probe's per-token time
+ROLLOUT_SHARE = 0.65  # of the budget left when the rollout section starts (the learner gets the rest)
 LEARNER_VARIANTS = (("full", True), ("lora", True), ("full", False), ("lora", False))  # (tuning, grad. checkpointing)
 
 
@@ -332,12 +334,15 @@ def rollout_section(case: Case, device, deadline: float, save) -> dict:
     print(f"[rollout] model {r.params / 1e6:.4g}M params, vocab {r.model.config.vocab_size}, {r.N} tokens/image, "
           f"built in {res['config']['build_s']:.1f}s", flush=True)
 
-    # float32, TF32 off: the two engines' greedy ids must agree exactly
+    # float32, TF32 off, one attention kernel for both (the math one): the two engines' greedy ids must agree exactly
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     eq_n = min(case.eq_tokens, r.N)
     try:
-        res["checks"]["greedy_float32"] = greedy_equality(r, eq_n)
+        with sdpa_kernel([SDPBackend.MATH]):
+            res["checks"]["greedy_float32"] = greedy_equality(r, eq_n)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     res["checks"]["greedy_equal"] = all(v["equal"] for v in res["checks"]["greedy_float32"].values())
@@ -397,9 +402,9 @@ def _measure(r: Rollouts, engine: str, cfg: float, batch: int, budget_s: float) 
     prompts, g = r.split(batch)
     probe = min(r.case.probe_tokens, r.N)
     t_probe, _ = _timed(lambda: r.run(engine, probe, prompts, g, cfg), r.device)
-    # 1.5: a step late in a long image costs more than one in the probe (attention over the longer context; the
-    # baseline's cache also grows by concatenation)
-    per_token = 1.5 * t_probe / probe
+    # a step late in a long image costs more than one in the probe: attention reads a longer context, and the
+    # baseline's cache also grows by concatenation (a copy of the whole cache per step)
+    per_token = LATE_STEP_FACTOR[engine] * t_probe / probe
     n = r.N
     if per_token * r.N > budget_s:
         n = min(r.N, max(probe, int(budget_s / per_token) // probe * probe))
@@ -413,13 +418,32 @@ def _measure(r: Rollouts, engine: str, cfg: float, batch: int, budget_s: float) 
 
 
 # ---- learner ----------------------------------------------------------------------------------------------------
-def learner_variant(case: Case, tuning: str, checkpointing: bool, device, work: Path, beta: float) -> dict:
-    """Two GRPO steps of ARGRPOTrainer on replayed completions; the second step's split, the peak memory."""
+def learner_policy(case: Case, work: Path):
+    """(layout, random-weight policy on the CPU) of the learner section, saved to ``work / "policy"``.
+
+    TRL builds the full-tuning reference (beta > 0) from the policy's checkpoint path, as a real run has one.
+    """
+    from argrpo.models.layout import TokenLayout
+    from argrpo.models.policy import build_policy
+
+    layout = TokenLayout(name="custom", text_vocab_size=case.text_vocab, visual_offset=case.text_vocab,
+                         codebook_size=case.codebook, grid=case.grid, image_size=(case.grid[0] * 16, case.grid[1] * 16))
+    model = build_policy(layout, size=case.size, seed=0)
+    model.save_pretrained(work / "policy")
+    model.config._name_or_path = str(work / "policy")
+    return layout, model
+
+
+def learner_variant(case: Case, layout, base, tuning: str, checkpointing: bool, device, work: Path,
+                    beta: float) -> dict:
+    """Two GRPO steps of ARGRPOTrainer on a copy of ``base`` fed replayed completions; the second step's split, the
+    peak memory."""
+    import copy
+
     import torch
     from argrpo.grpo.config import CorrectionConfig
     from argrpo.grpo.trainer import ARGRPOTrainer
-    from argrpo.models.layout import TokenLayout
-    from argrpo.models.policy import apply_lora, build_policy
+    from argrpo.models.policy import apply_lora
     from argrpo.models.text_tokenizer import build_text_tokenizer
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -429,14 +453,7 @@ def learner_variant(case: Case, tuning: str, checkpointing: bool, device, work: 
     from bench.memory import peak_rss_mib, reset_peak_rss
 
     t_start = time.perf_counter()
-    layout = TokenLayout(name="custom", text_vocab_size=case.text_vocab, visual_offset=case.text_vocab,
-                         codebook_size=case.codebook, grid=case.grid, image_size=(case.grid[0] * 16, case.grid[1] * 16))
-    model = build_policy(layout, size=case.size, seed=0)
-    # TRL builds the full-tuning reference (beta > 0) from the policy's checkpoint path, as a real run has one
-    ckpt = work / "policy"
-    if not (ckpt / "config.json").is_file():
-        model.save_pretrained(ckpt)
-    model.config._name_or_path = str(ckpt)
+    model = copy.deepcopy(base)  # training moves the weights (and LoRA's unload rewires modules): a fresh copy each
     peft_config = None
     if tuning == "lora":
         wrapped = apply_lora(model)  # models.policy's defaults: r 16, alpha 32, every projection
@@ -558,6 +575,9 @@ def learner_section(case: Case, device, deadline: float, save, beta: float) -> d
     work = Path(tempfile.mkdtemp(prefix="gpu-check-learner-"))
     last = None
     try:
+        t0 = time.perf_counter()
+        layout, base = learner_policy(case, work)
+        res["build_s"] = time.perf_counter() - t0
         for tuning, ckpt in LEARNER_VARIANTS:
             left = deadline - time.monotonic()
             label = f"{tuning}, checkpointing {'on' if ckpt else 'off'}"
@@ -569,7 +589,7 @@ def learner_section(case: Case, device, deadline: float, save, beta: float) -> d
                 continue
             t0 = time.monotonic()
             try:
-                v = learner_variant(case, tuning, ckpt, device, work, beta)
+                v = learner_variant(case, layout, base, tuning, ckpt, device, work, beta)
             except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is raised
                 if not _is_oom(e):
                     raise
@@ -630,7 +650,8 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
                   f"(text {c.get('text_vocab')} + {c.get('codebook')} codes), {c.get('n_image_tokens')} tokens/image, "
                   f"{c.get('dtype')}; batches above {c.get('G')} are prompts x {c.get('G')} samples; largest batch "
                   f"tried {results['config'].get('max_batch')}, found {c.get('max_batch')}",
-                  f"- greedy ids equal, torch engine vs hf_generate (float32, TF32 off): {checks.get('greedy_equal')} "
+                  f"- greedy ids equal, torch engine vs hf_generate (float32, TF32 off, math attention): "
+                  f"{checks.get('greedy_equal')} "
                   f"{json.dumps(checks.get('greedy_float32'))}"]
         if "greedy_bf16" in checks:
             lines.append(f"- bf16 greedy agreement (informational): {json.dumps(checks['greedy_bf16'])}")
@@ -656,7 +677,9 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
                                   ("reward s", "reward_s", "{:.2g}"), ("score s", "score_s", "{:.3g}"),
                                   ("fwd+bwd s", "forward_backward_s", "{:.3g}"), ("optimizer s", "optimizer_s",
                                                                                   "{:.3g}"),
-                                  ("first step s", "first_step_s", "{:.3g}"), ("peak GiB", "peak_memory_gib", "{:.3g}"),
+                                  ("first step s", "first_step_s", "{:.3g}"),
+                                  ("before steps GiB", "memory_before_steps_gib", "{:.3g}"),
+                                  ("peak GiB", "peak_memory_gib", "{:.3g}"),
                                   ("weights moved", "moved", "{}"), ("note", "note", "{}")]))
         if rows:
             lines += [markdown_table(rows), ""]
@@ -666,7 +689,9 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
                       f"beta {results['config']['beta']}, lr 1e-6, importance correction on; float32 master weights"
                       + (", bf16 autocast" if results["config"]["device"] == "cuda" else ""),
                       "- the second of two steps; score = TRL's generation-batch work besides rollout and reward "
-                      "(old and reference log-probs, advantages); peak = " + kind + " over both steps", ""]
+                      "(old and reference log-probs, advantages); fwd+bwd includes gradient clipping; optimizer = the "
+                      "AdamW step; before steps = GPU memory with the policy (and the full-tuning reference) in place; "
+                      "peak = " + kind + " over both steps", ""]
     lines += [f"- {n}" for n in results.get("notes", [])]
     v = env.get("versions", {})
     lines += [f"- device: {env.get('gpu') or env.get('cpu')}; versions: "
@@ -733,8 +758,10 @@ def main(argv=None) -> int:
             write(out_dir, results)
         return _save
 
-    # the last guard: a hung call must not run the command past its limit; what was measured is already written
-    faulthandler.dump_traceback_later(args.budget_s + 45.0, exit=True)
+    # the last guard at full size: a hung call must not run the command past its limit (what was measured is already
+    # written); tiny runs take seconds, and may run inside a test process
+    if not args.tiny:
+        faulthandler.dump_traceback_later(args.budget_s + 45.0, exit=True)
     try:
         _run_sections(args, case, device, sections, deadline, results, save)
         results["wall_s"] = time.monotonic() - t0
@@ -752,7 +779,7 @@ def _run_sections(args, case, device, sections, deadline, results, save) -> None
           f"{args.budget_s:.0f}s, argrpo from {boot['argrpo']}, wheels {boot['wheels']}", flush=True)
     if "rollout" in sections:
         left = deadline - time.monotonic()
-        share = 0.6 if "learner" in sections else 0.95
+        share = ROLLOUT_SHARE if "learner" in sections else 0.95
         rollout_section(case, device, time.monotonic() + share * left, save("rollout"))
     if "learner" in sections:
         learner_section(case, device, deadline - 5.0, save("learner"), args.beta)

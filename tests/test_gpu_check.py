@@ -66,11 +66,13 @@ def test_cpu_mode_runs_from_the_source_tree_without_ray_vllm_or_open_clip(tmp_pa
     assert "| full, GC on |" in md and "| lora, GC off |" in md
 
 
-def test_without_trl_the_learner_is_skipped_by_name_and_the_rollout_still_runs(tmp_path, monkeypatch):
+def test_without_trl_the_learner_is_skipped_by_name_and_an_exhausted_budget_times_prefixes(tmp_path, monkeypatch):
     from bench import gpu_check
 
     monkeypatch.setitem(sys.modules, "trl", None)
-    rc = gpu_check.main(["--tiny", "--device", "cpu", "--wheels", str(tmp_path / "no-wheels"),
+    # a 1-second budget is spent before the first timed call: each call times only its probe's length (8 of 32
+    # tokens) and scales it to the whole image
+    rc = gpu_check.main(["--tiny", "--device", "cpu", "--budget-s", "1", "--wheels", str(tmp_path / "no-wheels"),
                          "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -78,5 +80,11 @@ def test_without_trl_the_learner_is_skipped_by_name_and_the_rollout_still_runs(t
     skipped = res["learner"]["skipped"]
     assert skipped.startswith("learner skipped: trl not importable") and "make gpu-wheels" in skipped
     assert res["learner"]["variants"] == []
-    assert res["rollout"]["checks"]["greedy_equal"] is True and len(res["rollout"]["runs"]) == 8
-    assert skipped in (tmp_path / "gpu_check.md").read_text()
+    runs = res["rollout"]["runs"]
+    assert res["rollout"]["checks"]["greedy_equal"] is True and len(runs) == 8
+    for r in runs:
+        assert r["extrapolated"] and r["tokens_timed"] == 8
+        assert math.isclose(r["s_per_image"], r["seconds"] * 32 / 8 / r["batch"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert skipped in md
+    assert sum("(est.)" in line for line in md.splitlines() if line.startswith("| ")) == 8
