@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from argrpo.jsonl import read_jsonl
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SOURCE_KINDS = ("imagefolder", "jsonl", "parquet", "shapes")
@@ -107,29 +108,13 @@ def _check_row(source: Path, row: int, caption, image, base: Path) -> tuple[str,
     return caption, str(path.resolve()), _sha_file(path)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CaptionDataError(f"{path}: line {i + 1}: not valid JSON: {e}") from e
-            if not isinstance(obj, dict):
-                raise CaptionDataError(f"{path}: line {i + 1}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
-    return rows
-
-
 def _table_rows(src: CaptionSource) -> tuple[Path, list[tuple]]:
     """(file the rows came from, [(caption, image_ref)]) for jsonl / parquet sources."""
     path = Path(src.path)
     if not path.is_file():
         raise CaptionDataError(f"{path}: data file not found")
     if src.kind == "jsonl":
-        rows = _read_jsonl(path)
+        rows = [row for _, row in read_jsonl(path, CaptionDataError)]
         pairs = [(r.get(src.caption_column), r.get(src.image_column)) for r in rows]
     else:
         import datasets
@@ -148,7 +133,7 @@ def _folder_rows(src: CaptionSource) -> tuple[Path, list[tuple]]:
         raise CaptionDataError(f"{folder}: image folder not found")
     meta_jsonl, meta_csv = folder / "metadata.jsonl", folder / "metadata.csv"
     if meta_jsonl.is_file():
-        rows = _read_jsonl(meta_jsonl)
+        rows = [row for _, row in read_jsonl(meta_jsonl, CaptionDataError)]
         return meta_jsonl, [(r.get(src.caption_column), r.get("file_name")) for r in rows]
     if meta_csv.is_file():
         with open(meta_csv, newline="") as f:

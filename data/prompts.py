@@ -13,11 +13,8 @@ import tempfile
 from pathlib import Path
 
 from argrpo.errors import MissingFileError, UserFileError
-
-RELATIONS = ("left of", "right of", "above", "below")
-# GenEval's six tags; the rules read the tag (counting uses a stricter confidence threshold), so a misspelt tag
-# would silently change how a prompt is judged.
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+from argrpo.jsonl import parse_json
+from argrpo.rewards.geneval import TAGS, parse_spec
 
 
 class PromptFileError(UserFileError):
@@ -29,7 +26,9 @@ class MissingPromptFileError(PromptFileError, MissingFileError):
 
 
 def validate_spec(spec, where: str = "spec") -> dict:
-    """Check one GenEval spec; raise PromptFileError naming ``where`` and the offending key."""
+    """Check one GenEval row: a known ``tag`` (a misspelt one would silently change how the prompt is judged), a
+    non-empty ``prompt``, and GenEval's clause schema (:func:`argrpo.rewards.geneval.parse_spec`, the rules' own
+    check); raise PromptFileError naming ``where`` and the offending key."""
     if not isinstance(spec, dict):
         raise PromptFileError(f"{where}: expected a JSON object, got {type(spec).__name__}")
     for key, tp in (("tag", str), ("prompt", str), ("include", list)):
@@ -39,36 +38,12 @@ def validate_spec(spec, where: str = "spec") -> dict:
             raise PromptFileError(f"{where}: {key!r} must be a {tp.__name__}, got {spec[key]!r}")
     if not spec["prompt"].strip():
         raise PromptFileError(f"{where}: 'prompt' is empty")
-    if spec["tag"] not in GENEVAL_TAGS:
-        raise PromptFileError(f"{where}: unknown tag {spec['tag']!r}; GenEval's tags: {list(GENEVAL_TAGS)}")
-    if not spec["include"]:
-        raise PromptFileError(f"{where}: 'include' is empty")
-    for i, req in enumerate(spec["include"]):
-        w = f"{where}: include[{i}]"
-        if not isinstance(req, dict):
-            raise PromptFileError(f"{w}: expected an object, got {req!r}")
-        if not isinstance(req.get("class"), str):
-            raise PromptFileError(f"{w}: missing or non-string 'class'")
-        count = req.get("count")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise PromptFileError(f"{w}: 'count' must be a positive int, got {count!r}")
-        if "color" in req and not isinstance(req["color"], str):
-            raise PromptFileError(f"{w}: 'color' must be a string, got {req['color']!r}")
-        if "position" in req:
-            pos = req["position"]
-            if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
-                    or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
-                raise PromptFileError(
-                    f"{w}: 'position' must be [relation in {list(RELATIONS)}, index of an earlier include], "
-                    f"got {pos!r}"
-                )
-    exclude = spec.get("exclude", [])
-    if not isinstance(exclude, list):
-        raise PromptFileError(f"{where}: 'exclude' must be a list, got {exclude!r}")
-    for i, req in enumerate(exclude):
-        if not isinstance(req, dict) or not isinstance(req.get("class"), str) or not isinstance(req.get("count"), int):
-            raise PromptFileError(f"{where}: exclude[{i}] must be {{'class': str, 'count': int}}, got {req!r}")
-    return spec
+    if spec["tag"] not in TAGS:
+        raise PromptFileError(f"{where}: unknown tag {spec['tag']!r}; GenEval's tags: {list(TAGS)}")
+    try:
+        return parse_spec(spec, where)
+    except ValueError as e:
+        raise PromptFileError(str(e)) from None
 
 
 def read_prompts(path: str | Path, geneval: bool = False) -> list[dict]:
@@ -94,10 +69,7 @@ def read_prompts(path: str | Path, geneval: bool = False) -> list[dict]:
 
 
 def _read_row(text: str, where: str, geneval: bool) -> dict:
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PromptFileError(f"{where}: not valid JSON: {e}") from e
+    row = parse_json(text, where, PromptFileError, obj=False)
     if geneval or (isinstance(row, dict) and ("tag" in row or "include" in row)):
         return validate_spec(row, where)
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():

@@ -39,10 +39,8 @@ import numpy as np
 
 # GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged
 from argrpo.rewards.detectors.base import Detection
-from argrpo.rewards.geneval import relative_position
+from argrpo.rewards.geneval import RELATIONS, TAGS, parse_spec, relative_position
 
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
 SPLITS = ("train", "heldout")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 COUNTS = tuple(NUMBER_WORDS)
@@ -326,25 +324,19 @@ class ShapesWorld:
 
     # ---- rendering ------------------------------------------------------------------------------------------------
     def _check_spec(self, spec: dict) -> None:
-        inc = spec.get("include")
-        if not isinstance(inc, list) or not inc:
-            raise ValueError(f"spec {spec.get('prompt', spec)!r}: 'include' must be a non-empty list")
+        """GenEval's clause schema (the scorer's own check), then what this world can draw."""
+        name = f"spec {spec.get('prompt', '')!r}"
+        inc = parse_spec(spec, name)["include"]
         for i, req in enumerate(inc):
-            where = f"spec {spec.get('prompt', '')!r} include[{i}]"
-            if req.get("class") not in self.shapes:
-                raise ValueError(f"{where}: class {req.get('class')!r} is not one of {list(self.shapes)}")
+            where = f"{name} include[{i}]"
+            if req["class"] not in self.shapes:
+                raise ValueError(f"{where}: class {req['class']!r} is not one of {list(self.shapes)}")
             if "color" in req and req["color"] not in self.colors:
                 raise ValueError(f"{where}: color {req['color']!r} is not one of {list(self.colors)}")
-            if not isinstance(req.get("count"), int) or not 1 <= req["count"] <= max(COUNTS):
-                raise ValueError(f"{where}: count must be an int in 1..{max(COUNTS)}, got {req.get('count')!r}")
-            if "position" in req:
-                pos = req["position"]
-                if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
-                        or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
-                    raise ValueError(f"{where}: position must be [relation in {list(RELATIONS)}, earlier index], "
-                                     f"got {pos!r}")
+            if req["count"] > max(COUNTS):
+                raise ValueError(f"{where}: count must be an int in 1..{max(COUNTS)}, got {req['count']!r}")
         if sum(r["count"] for r in inc) > max(COUNTS):
-            raise ValueError(f"spec {spec.get('prompt', '')!r}: more than {max(COUNTS)} objects")
+            raise ValueError(f"{name}: more than {max(COUNTS)} objects")
 
     def _valid_cells(self, size_c: int, placed, constraints) -> list[tuple[int, int]]:
         """Top-left cells where a ``size_c``-cell box keeps ``gap`` empty cells to every placed box and satisfies

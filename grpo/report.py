@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from argrpo.grids import image_grid
+from argrpo.jsonl import read_jsonl
 from PIL import Image
 
 
@@ -45,16 +46,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: row {i} is not JSON: {e}") from e
-    return rows
+    return [row for _, row in read_jsonl(path, ValueError)]
 
 
 def plot_curves(runs: dict[str, list[dict]], keys: list[str], out_png: str | Path, title: str = "") -> Path | None:

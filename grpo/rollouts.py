@@ -26,6 +26,7 @@ import time
 from argrpo.grpo.prompts import generation_prompts
 from argrpo.grpo.stats import StepStats
 from argrpo.grpo.weight_sync import WeightSync
+from argrpo.rewards.base import as_prompts
 from argrpo.rollout.pool import RolloutFuture
 from argrpo.rollout.types import Rollout, SamplingParams
 
@@ -55,18 +56,6 @@ def _process(trainer) -> tuple[int, int]:
     """(this process's index, number of learner processes) from the trainer's accelerator."""
     acc = getattr(trainer, "accelerator", None)
     return (int(getattr(acc, "process_index", 0)), int(getattr(acc, "num_processes", 1))) if acc else (0, 1)
-
-
-def _captions(prompts) -> list[str]:
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            out.append(p)
-        elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
-            out.append(p["prompt"])
-        else:
-            raise TypeError(f"rollout: prompt {i} is {type(p).__name__}; expected a caption string")
-    return out
 
 
 class RolloutSource:
@@ -105,7 +94,7 @@ class RolloutSource:
         return self.sampling.with_(n=1, seed=self.seed * 7_919 + (k + 1) * SEED_STRIDE)
 
     def __call__(self, prompts, trainer) -> dict:
-        flat = _captions(prompts)
+        flat = as_prompts(prompts)
         G = self.G
         rank, n_proc = _process(trainer)
         if (len(flat) * n_proc) % G:

@@ -22,17 +22,19 @@ same either way, since every check must hold).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from argrpo.jsonl import parse_json
 from argrpo.rewards.base import Reward, RewardError, RewardOutput, register_reward
 from argrpo.rewards.detectors.base import DETECTORS, Detection
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS = ("left of", "right of", "above", "below")
+# GenEval's six tags; the rules read the tag (counting uses a stricter confidence threshold)
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 # (image uint8 [H, W, 3], boxes [K] of (x0, y0, x1, y1), class name) -> K colour names
 ColorFn = Callable[[np.ndarray, Sequence[Sequence[float]], str], list[str]]
@@ -55,10 +57,7 @@ class GenEvalRules:
 def parse_spec(meta: Mapping | str, where: str = "metadata") -> dict:
     """Validate one GenEval row (a dict or its JSON string) and return it as a dict; errors name ``where``."""
     if isinstance(meta, (str, bytes)):
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        meta = parse_json(meta, where, ValueError, obj=False)
     if not isinstance(meta, Mapping):
         raise ValueError(f"{where}: expected a GenEval dict with 'include', got {type(meta).__name__}")
     include = meta.get("include")
@@ -73,7 +72,7 @@ def parse_spec(meta: Mapping | str, where: str = "metadata") -> dict:
             pos = req["position"]
             if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
                     or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
-                raise ValueError(f"{w}: position must be [relation, j] with relation in {list(RELATIONS)} "
+                raise ValueError(f"{w}: 'position' must be [relation, j] with relation in {list(RELATIONS)} "
                                  f"and j an earlier include index, got {pos!r}")
     exclude = meta.get("exclude", [])
     if not isinstance(exclude, list):

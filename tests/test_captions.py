@@ -89,7 +89,7 @@ def test_missing_caption_or_image_field_names_row(folder, row):
 def test_bad_json_line_and_missing_sidecar(folder):
     f = folder / "data.jsonl"
     f.write_text('{"image": "img/a.png", "caption": "x"}\n{not json\n')
-    with pytest.raises(CaptionDataError, match="line 2: not valid JSON"):
+    with pytest.raises(CaptionDataError, match="row 2: not valid JSON"):
         load_caption_dataset(CaptionSource(kind="jsonl", path=str(f)))
     (folder / "img" / "a.txt").write_text("only a")
     with pytest.raises(CaptionDataError, match=r"missing caption file .*b\.txt"):
