@@ -247,17 +247,23 @@ class Checkpointer(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not _is_train_log(logs) or not self.every or state.global_step % self.every:
             return
-        # data-parallel replicas hold the same weights and optimizer state: the main process writes them alone
-        if not state.is_world_process_zero:
+        from argrpo.grpo.sharding import is_fsdp
+
+        # data-parallel replicas hold the same weights and optimizer state: the main process writes them alone;
+        # FSDP2 shards are written by every process (grpo.checkpointing.save_sharded_checkpoint)
+        sharded = is_fsdp(self.trainer.model)
+        if not (state.is_world_process_zero or sharded):
             return
-        from argrpo.grpo.checkpointing import prune_checkpoints, save_checkpoint
+        from argrpo.grpo.checkpointing import prune_checkpoints, save_checkpoint, save_sharded_checkpoint
 
         t0 = time.perf_counter()
         kwargs = dict(self.save_kwargs)
         if self.state_fn is not None:
             kwargs["run_state"] = {**(kwargs.get("run_state") or {}), **self.state_fn()}
-        self.saved.append(save_checkpoint(self.trainer, self.root, **kwargs))
-        prune_checkpoints(self.root, self.keep)
+        save = save_sharded_checkpoint if sharded else save_checkpoint
+        self.saved.append(save(self.trainer, self.root, **kwargs))
+        if state.is_world_process_zero:
+            prune_checkpoints(self.root, self.keep)
         self.stats.add_time("checkpoint", time.perf_counter() - t0)
 
 

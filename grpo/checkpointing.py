@@ -140,3 +140,120 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     for p in doomed:
         remove_dir(p)  # renamed away first: a kill mid-deletion never leaves a gutted step dir behind
     return doomed
+
+
+# ---- sharded (FSDP2) checkpoints ----------------------------------------------------------------------------------
+# accelerate's directory names: Trainer's own resume (``_load_from_checkpoint``) recognises an FSDP checkpoint by the
+# model one and loads both with torch.distributed.checkpoint, resharding to the processes it runs on.
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
+SHARDED_OPTIMIZER_DIR = "optimizer_0"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_MODEL_DIR).is_dir()
+
+
+def _broadcast_from_rank0(value):
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_sharded_checkpoint(trainer, root: str | Path, *, run_state: dict | None = None, **_policy_files) -> Path:
+    """Write ``root/step-<global_step>`` of an FSDP2 run atomically; every process calls it (a collective).
+
+    Each process writes its own shards of the weights and the optimizer state (torch.distributed.checkpoint through
+    accelerate's ``save_fsdp_model`` / ``save_fsdp_optimizer``, as Trainer writes them) and its RNG state, into one
+    temp dir that the main process created; the main process adds the scheduler, trainer state, the starting
+    policy's metadata (argrpo.json, so a resume checks the vocabulary layout) and the run file, and renames the
+    dir into place once every process is done. No process ever holds the full weights. The consolidated policy
+    comes from :func:`export_checkpoint` (``argrpo export``).
+    """
+    import shutil
+    from contextlib import nullcontext
+
+    import torch.distributed as dist
+    from argrpo.models.checkpoint import atomic_dir
+    from argrpo.models.policy import ARGRPO_FILE
+
+    step = int(trainer.state.global_step)
+    final = checkpoint_dir(root, step)
+    main = trainer.is_world_process_zero()
+    with atomic_dir(final) if main else nullcontext(None) as tmp:
+        tmp = Path(_broadcast_from_rank0(str(tmp) if main else None))
+        trainer._save_optimizer_and_scheduler(str(tmp))  # model + optimizer shards on every process
+        trainer._save_rng_state(str(tmp))  # rng_state_<rank>.pth
+        if main:
+            state = dict(run_state or {})
+            policy = Path(state.get("config", {}).get("policy", {}).get("checkpoint") or "")
+            if (policy / ARGRPO_FILE).is_file():
+                shutil.copyfile(policy / ARGRPO_FILE, tmp / ARGRPO_FILE)
+            trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+            state["sharded"] = {"world_size": dist.get_world_size(), "strategy": "fsdp"}
+            (tmp / RUN_FILE).write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        dist.barrier()  # every process's shards are on disk before the main process renames the dir
+    dist.barrier()
+    return final
+
+
+def check_sharding(path: str | Path, strategy: str, processes: int) -> None:
+    """Refuse, naming the counts, a checkpoint that cannot resume with ``strategy`` on ``processes`` processes.
+
+    torch.distributed.checkpoint reshards weights and optimizer state to any number of FSDP processes, so a
+    checkpoint written by N processes resumes on M >= 2 (with the same global batch: check_resumable compares
+    prompts_per_generation; ranks beyond N start from fresh RNG states). One process runs no FSDP and cannot load
+    shards, and a DDP checkpoint (full weights, one optimizer state) does not load into shards: those are refused.
+    """
+    sharded = read_run_state(path).get("sharded")
+    where = Path(path) / RUN_FILE
+    if sharded and (strategy != "fsdp" or processes < 2):
+        n = sharded["world_size"]
+        raise ValueError(
+            f"{where}: written as FSDP shards by {n} learner processes; this run has {processes} process"
+            f"{'es' if processes != 1 else ''} with distributed.strategy={strategy}, which cannot load shards. "
+            f"Resume with distributed.strategy=fsdp on >= 2 processes (any count: the shards are redistributed), or "
+            f"`argrpo export {path} OUT` and start a new run from OUT")
+    if not sharded and strategy == "fsdp" and processes > 1:
+        raise ValueError(
+            f"{where}: written by a {read_run_state(path).get('config', {}).get('distributed', {}).get('strategy', 'ddp')}"
+            f" run (full weights); this run shards over {processes} processes (distributed.strategy=fsdp). Resume "
+            f"with distributed.strategy=ddp, or start a new FSDP run from it (policy.checkpoint={path})")
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """A sharded checkpoint -> a consolidated policy directory (``save_policy``: Hugging Face weights that
+    transformers loads, tokenizer, argrpo.json; a LoRA run gives its adapter beside the base it names), in one
+    process, no process group needed. An unsharded checkpoint is copied as a policy too.
+
+    The model is rebuilt as the run built it (the run file's ``policy`` config: the starting checkpoint, LoRA
+    settings) and its weights are read from the shards with ``torch.distributed.checkpoint.load``.
+    """
+    from argrpo.config import from_dict
+    from argrpo.models.policy import (
+        PolicyConfig,
+        is_peft_model,
+        load_policy,
+        policy_from_config,
+        read_policy_meta,
+    )
+
+    path = Path(path)
+    state = read_run_state(path)
+    if not is_sharded_checkpoint(path):
+        loaded = load_policy(path)
+        return save_policy_files(out, loaded.model, loaded.tokenizer, loaded.layout, loaded.image_tokenizer_path,
+                                 (read_policy_meta(path) or {}).get("base_model"), extra={"grpo_step": state["step"]})
+    import torch.distributed.checkpoint as dcp
+
+    policy_cfg = from_dict(PolicyConfig, state["config"]["policy"], source=str(path / RUN_FILE), prefix="policy")
+    model, loaded = policy_from_config(policy_cfg)
+    shards = model.state_dict()
+    dcp.load({"model": shards}, checkpoint_id=str(path / SHARDED_MODEL_DIR))
+    model.load_state_dict(shards)
+    base_model = str(loaded.path) if is_peft_model(model) else None
+    if is_peft_model(model) and (loaded.path / "adapter_config.json").is_file():
+        base_model = (read_policy_meta(loaded.path) or {}).get("base_model")
+    return save_policy_files(out, model.eval(), loaded.tokenizer, loaded.layout, loaded.image_tokenizer_path,
+                             base_model, extra={"grpo_step": state["step"]})

@@ -431,13 +431,15 @@ def _finished_from_checkpoint(cfg: GRPORunConfig, ckpt: Path) -> dict:
     max_steps, transformers would train one step more), the final policy is written from the checkpoint."""
     import json
 
-    from argrpo.grpo.checkpointing import save_policy_files
+    from argrpo.grpo.checkpointing import export_checkpoint, is_sharded_checkpoint, save_policy_files
     from argrpo.models.policy import load_policy, read_policy_meta
 
     out = Path(cfg.output_dir)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     final = None
-    if cfg.checkpoint.save_final and int(os.environ.get("RANK", "0")) == 0:
+    if cfg.checkpoint.save_final and int(os.environ.get("RANK", "0")) == 0 and is_sharded_checkpoint(ckpt):
+        final = export_checkpoint(ckpt, out / "final")  # consolidated from the shards, in this process
+    elif cfg.checkpoint.save_final and int(os.environ.get("RANK", "0")) == 0:
         loaded = load_policy(ckpt)
         final = save_policy_files(out / "final", loaded.model, loaded.tokenizer, loaded.layout,
                                   loaded.image_tokenizer_path, (read_policy_meta(ckpt) or {}).get("base_model"),
@@ -457,10 +459,12 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
     """
     from argrpo.grpo.checkpointing import (
         check_resumable,
+        check_sharding,
         latest_checkpoint,
         read_run_state,
         save_policy_files,
     )
+    from argrpo.grpo.config import learner_processes
 
     out = Path(cfg.output_dir)
     ckpt = None
@@ -477,6 +481,7 @@ def train(cfg: GRPORunConfig, resume: bool = False, eval_fn=None) -> dict:
             layout = TokenLayout.from_dict(meta["layout"]) if meta else None
             check_resumable(ckpt, {**to_dict(cfg), "prompts_per_generation": cfg.grpo.prompts_per_generation},
                             layout)
+            check_sharding(ckpt, cfg.distributed.strategy, learner_processes())
             if read_run_state(ckpt)["step"] >= cfg.grpo.max_steps:
                 return _finished_from_checkpoint(cfg, ckpt)
     run = build_run(cfg, eval_fn=eval_fn)

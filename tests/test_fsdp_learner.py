@@ -128,3 +128,73 @@ def test_rollouts_from_pushed_shards_equal_one_process_engine_with_those_weights
         ro = pool.generate(captions, G, source._sampling(1))
     assert ro.weight_version == 1
     assert ro.completion_ids.tolist() == [s["ids"] for s in step1]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """An FSDP run SIGKILLed (every rank) inside its step-2 checkpoint write, after each rank wrote its shards and
+    before the rename; then resumed to step 3 with checkpoints every step."""
+    from argrpo.grpo.checkpointing import list_checkpoints
+
+    tmp = tmp_path_factory.mktemp("fsdp-kill")
+    wj = world_json(tmp)
+    every = {"checkpoint.every": 1, "checkpoint.keep": 2}
+    (tmp / "kill.json").write_text(json.dumps({**every, "_kill_at": 2}))
+    proc = launch(TESTS / "fsdp_grpo.py", wj, tmp / "run", "fsdp", tmp / "kill.json")
+    assert proc.returncode != 0
+    after_kill = [step for step, _ in list_checkpoints(tmp / "run" / "run" / "checkpoints")]
+    (tmp / "resume.json").write_text(json.dumps({**every, "_resume": True}))
+    proc = launch(TESTS / "fsdp_grpo.py", wj, tmp / "run", "fsdp", tmp / "resume.json")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp / "run" / f"rank{r}-resumed.json").read_text()) for r in range(NPROC)]
+    return tmp / "run", after_kill, ranks
+
+
+def test_kill_9_mid_checkpoint_then_resume_equals_the_uninterrupted_run(runs, killed_and_resumed):
+    from argrpo.grpo.checkpointing import is_sharded_checkpoint, list_checkpoints, read_run_state
+
+    out, after_kill, ranks = killed_and_resumed
+    assert after_kill == [1]  # the half-written step-2 checkpoint never became visible
+    ckpts = list_checkpoints(out / "run" / "checkpoints")
+    assert [s for s, _ in ckpts] == [2, 3]
+    assert all(is_sharded_checkpoint(p) and read_run_state(p)["sharded"]["world_size"] == NPROC for _, p in ckpts)
+    assert not [p for p in (out / "run" / "checkpoints").iterdir() if p.name.startswith(".")]  # temp dir swept
+    uninterrupted_dir, uninterrupted = runs["fsdp"]
+    for r in range(NPROC):
+        assert ranks[r]["steps"] == STEPS
+        # the resumed run sampled steps 1 and 2 exactly as the uninterrupted run did
+        assert ranks[r]["scored"] == [s for s in uninterrupted[r]["scored"] if s["step"] >= 1]
+    a = _weights(uninterrupted_dir / "run" / "final" / "model.safetensors")
+    b = _weights(out / "run" / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
+
+
+def test_export_consolidates_a_sharded_checkpoint_that_transformers_loads(killed_and_resumed, tmp_path):
+    from argrpo.recipes.cli import main
+    from transformers import AutoModelForCausalLM
+
+    out, _, _ = killed_and_resumed
+    assert main(["export", str(out / "run" / "checkpoints" / "step-0000003"), str(tmp_path / "export")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    final = _weights(out / "run" / "final" / "model.safetensors")  # gathered from the live shards at the end
+    state = model.state_dict()
+    for k, v in final.items():
+        assert torch.equal(state[k], v), k
+    assert json.loads((tmp_path / "export" / "argrpo.json").read_text())["extra"]["grpo_step"] == STEPS
+
+
+def test_resuming_shards_on_one_process_is_refused_naming_both_counts(killed_and_resumed, monkeypatch):
+    from argrpo.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.trainer import train
+
+    out, _, _ = killed_and_resumed
+    world = shared_world()
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    # the same global batch on one process (8 = 2 x 4), so only the process count differs
+    cfg = load_config(GRPORunConfig, None, run_overrides(world, out / "run", **{
+        "grpo.per_device_train_batch_size": 8, "grpo.max_steps": 4, "distributed.strategy": "fsdp"}))
+    with pytest.raises(ValueError, match=r"FSDP shards by 2 learner processes; this run has 1 process"):
+        train(cfg, resume=True)
