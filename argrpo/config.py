@@ -240,3 +240,12 @@ def describe(cls, prefix: str = "") -> str:
         help_ = f.metadata.get("help", "")
         lines.append(f"{key} ({_type_name(tp)}, default {default!r}): {help_}")
     return "\n".join(lines)
+
+
+def require_at_least(cfg, prefix: str = "", **bounds: float) -> None:
+    """In a config's ``__post_init__``: raise ``ValueError`` naming the first field below its lower bound,
+    e.g. ``require_at_least(self, "logging.", image_every=0, image_prompts=1)``."""
+    for name, low in bounds.items():
+        value = getattr(cfg, name)
+        if value < low:
+            raise ValueError(f"{prefix}{name} must be >= {low}, got {value!r}")

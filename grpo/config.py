@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from argrpo.config import require_at_least
 from argrpo.grpo.evaluate import EvalSettings
 from argrpo.grpo.sharding import DistributedConfig
 from argrpo.models.policy import PolicyConfig
@@ -253,8 +254,7 @@ class LoggingConfig:
         bad = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if bad:
             raise ValueError(f"logging.report_to: unknown {bad}; use 'tensorboard' and/or 'wandb'")
-        if self.image_every < 0 or self.image_prompts < 1:
-            raise ValueError("logging.image_every must be >= 0 and logging.image_prompts >= 1")
+        require_at_least(self, "logging.", image_every=0, image_prompts=1)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from argrpo.config import require_at_least
 from argrpo.rollout.types import SamplingParams
 
 DEFAULT_SAMPLING = SamplingParams(n=4, seed=0, temperature=1.0, cfg_scale=1.0)
@@ -59,10 +60,7 @@ class EvalSettings:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
-        if self.batch_prompts < 1:
-            raise ValueError(f"batch_prompts must be >= 1, got {self.batch_prompts}")
-        if self.grid_prompts < 0:
-            raise ValueError(f"grid_prompts must be >= 0, got {self.grid_prompts}")
+        require_at_least(self, batch_prompts=1, grid_prompts=0)
 
 
 @dataclass

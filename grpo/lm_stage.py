@@ -522,26 +522,17 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     t = cfg.train
+    # the train section's keys that are TrainingArguments' own, under the same names
+    same = ("max_steps", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "optim",
+            "weight_decay", "adam_beta2", "max_grad_norm", "bf16", "save_steps", "save_total_limit", "logging_steps")
     args = TrainingArguments(
         output_dir=str(output_dir),
-        max_steps=t.max_steps,
+        **{name: getattr(t, name) for name in same},
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
-        optim=t.optim,
-        weight_decay=t.weight_decay,
-        adam_beta2=t.adam_beta2,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
         use_cpu=device.type == "cpu",
         seed=t.seed,
         data_seed=t.seed,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        logging_steps=t.logging_steps,
         report_to=list(t.report_to) or "none",
         dataloader_drop_last=True,
         remove_unused_columns=False,

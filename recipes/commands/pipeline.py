@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argrpo.config import require_at_least
 from argrpo.recipes.commands import add_config_args, add_ray_args, command, join_ray
 
 STAGES = ("tokenizer", "pretrain", "sft", "grpo", "eval", "report")
@@ -41,8 +42,7 @@ class PipelineConfig:
         unknown = set(self.overrides) - set(STAGES)
         if unknown:
             raise ValueError(f"overrides: unknown stages {sorted(unknown)}; valid: {list(STAGES[:5])}")
-        if self.grid_prompts < 1 or self.grid_samples < 1:
-            raise ValueError("grid_prompts and grid_samples must be >= 1")
+        require_at_least(self, grid_prompts=1, grid_samples=1)
 
 
 @dataclass
