@@ -34,6 +34,7 @@ from argrpo.errors import MissingFileError
 from argrpo.models.checkpoint import atomic_dir, copy_tree
 from argrpo.models.layout import SIMPLEAR_SPECIAL_TOKENS, TokenLayout, layout_preset
 from argrpo.models.unwrap import unwrap_model
+from argrpo.registry import Registry
 
 ARGRPO_FILE = "argrpo.json"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
@@ -64,17 +65,16 @@ class SizePreset:
         return self.hidden_size // self.num_attention_heads
 
 
-SIZE_PRESETS: dict[str, SizePreset] = {
-    # unit tests: the smallest shape vLLM still runs (head_dim 32), GQA exercised (2 query heads, 1 kv head)
-    "tiny": SizePreset(64, 2, 2, 1, 128),
-    # the shapes world: ~4M parameters, trains on a CPU in minutes
-    "shapes": SizePreset(256, 4, 4, 4, 688),
-    # benchmarks: big enough that matmuls, not Python, dominate
-    "bench": SizePreset(512, 8, 8, 4, 1376),
-    # Qwen2.5-0.5B's shape (SimpleAR-0.5B's backbone)
-    "0.5b": SizePreset(896, 24, 14, 2, 4864, tie_word_embeddings=True, max_position_embeddings=32768,
-                       rope_theta=1_000_000.0),
-}
+SIZE_PRESETS: Registry[SizePreset] = Registry("policy size")
+# unit tests: the smallest shape vLLM still runs (head_dim 32), GQA exercised (2 query heads, 1 kv head)
+SIZE_PRESETS.add("tiny", SizePreset(64, 2, 2, 1, 128))
+# the shapes world: ~4M parameters, trains on a CPU in minutes
+SIZE_PRESETS.add("shapes", SizePreset(256, 4, 4, 4, 688))
+# benchmarks: big enough that matmuls, not Python, dominate
+SIZE_PRESETS.add("bench", SizePreset(512, 8, 8, 4, 1376))
+# Qwen2.5-0.5B's shape (SimpleAR-0.5B's backbone)
+SIZE_PRESETS.add("0.5b", SizePreset(896, 24, 14, 2, 4864, tie_word_embeddings=True, max_position_embeddings=32768,
+                                    rope_theta=1_000_000.0))
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -122,9 +122,7 @@ def build_policy(
     ``tie_word_embeddings=None`` takes the preset's choice.
     """
     if isinstance(size, str):
-        if size not in SIZE_PRESETS:
-            raise ValueError(f"unknown policy size {size!r}; known: {sorted(SIZE_PRESETS)}")
-        preset = SIZE_PRESETS[size]
+        preset = SIZE_PRESETS.lookup(size)
     else:
         preset = size
     if preset.hidden_size % preset.num_attention_heads:
@@ -620,8 +618,8 @@ class PolicyConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
 
     def __post_init__(self):
-        if self.checkpoint is None and self.size not in SIZE_PRESETS:
-            raise ValueError(f"size: unknown preset {self.size!r}; known: {sorted(SIZE_PRESETS)}")
+        if self.checkpoint is None:
+            SIZE_PRESETS.lookup(self.size)
         from argrpo.models.visual_init import check_name
 
         check_name(self.visual_init)
