@@ -9,15 +9,25 @@ resources they ask for (``num_cpus``, ``num_gpus``, ``custom_resources``) and th
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
-from dataclasses import field
-from typing import Literal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from argrpo.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("pack", "spread")
 Placement = Literal["pack", "spread"]
 # Ray refuses these in ``resources=`` (they have their own actor options)
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+DEFAULT_PENDING_TIMEOUT_S = 600.0
+PENDING_WARN_S = 30.0  # the first "still waiting for resources" warning, then one per such interval
+# whether this process started the Ray cluster it is connected to (None: not connected through init_ray)
+_started_local: bool | None = None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, timeout_s: float = 30.0, **kwargs):
@@ -35,16 +45,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, timeout_s:
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True, logging_level="WARNING")
     common.update(kwargs)
+    global _started_local
     if address and address != "local":
         _check_reachable(address, timeout_s)
         ray.init(address=address, **common)
+        _started_local = False
     else:
         os.environ.pop("RAY_ADDRESS", None)
         _loopback_only(ray)
         # "local" always starts a new cluster: without it ray.init joins whatever cluster another process recorded
         # in <ray temp dir>/ray_current_cluster (`ray start`, ray.cluster_utils), or fails when that one is gone
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **common)
+        _started_local = True
     return ray
+
+
+def is_local_cluster() -> bool:
+    """Whether the connected Ray cluster was started by this process (``init_ray`` without an address): no node will
+    join it, so a request it cannot meet now never will be. A joined cluster (or one Ray Tune connected a trial to)
+    may still grow."""
+    return bool(_started_local)
 
 
 def _loopback_only(ray) -> None:
@@ -79,8 +99,10 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 def shutdown_ray() -> None:
     import ray
 
+    global _started_local
     if ray.is_initialized():
         ray.shutdown()
+    _started_local = None
 
 
 def validate_custom_resources(resources: Mapping, where: str) -> dict[str, float]:
@@ -149,3 +171,122 @@ def check_cluster_offers(resources: Mapping[str, float], where: str) -> None:
             raise ValueError(f"{where}: custom resource {name!r} x {amount:g} is not offered by any node of the Ray "
                              f"cluster (custom resources there: {offered or 'none'}); start nodes with "
                              f"`ray start --resources '{{\"{name}\": N}}'`")
+
+
+# ---- resource requests --------------------------------------------------------------------------------------------
+class ResourceRequestError(UserError, ValueError):
+    """The actors a run asks for cannot be placed on the Ray cluster; the message names the numbers and config keys."""
+
+
+@dataclass(frozen=True)
+class ActorRequest:
+    """``count`` Ray actors of one kind and what each one reserves; ``keys``: the config keys that set them."""
+
+    what: str
+    count: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    custom_resources: Mapping[str, float] = field(default_factory=dict)
+    keys: tuple[str, ...] = ()
+
+    def per_actor(self) -> dict[str, float]:
+        """Ray resource name -> amount one actor reserves (zero amounts left out)."""
+        out = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus), **{k: float(v) for k, v in
+                                                                            self.custom_resources.items()}}
+        return {k: v for k, v in out.items() if v > 0}
+
+    def describe(self) -> str:
+        each = ", ".join(f"{v:g} {k}" for k, v in self.per_actor().items()) or "nothing"
+        keys = f" ({', '.join(self.keys)})" if self.keys else ""
+        return f"{self.count} {self.what}{'s' if self.count != 1 else ''} x {each}{keys}"
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if k not in ("memory", "object_store_memory")
+             and not k.startswith("node:")}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def check_resources(requests: Sequence[ActorRequest], where: str) -> None:
+    """Before any actor is created: add up what ``requests`` ask for and compare it with the cluster's nodes.
+
+    On a cluster this process started (:func:`is_local_cluster`) a request that cannot be met raises
+    :class:`ResourceRequestError` at once, naming the numbers and the config keys; on a joined cluster (which may
+    grow) it is a warning, and :func:`wait_until_placed` bounds the wait.
+    """
+    requests = [r for r in requests if r.count > 0]
+    if not requests:
+        return
+    nodes = _alive_nodes()
+    offered: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            offered[k] = offered.get(k, 0.0) + v
+    need: dict[str, float] = {}
+    for r in requests:
+        for k, v in r.per_actor().items():
+            need[k] = need.get(k, 0.0) + r.count * v
+    short = {k: v for k, v in need.items() if v > offered.get(k, 0.0) + 1e-9}
+    # an actor is never split across nodes: one that fits on no node waits whatever the totals say
+    unfit = [r for r in requests
+             if not any(all(node.get(k, 0.0) >= v for k, v in r.per_actor().items()) for node in nodes)]
+    if not short and not unfit:
+        return
+    local = is_local_cluster()
+    cluster = f"the {'local' if local else 'joined'} Ray cluster ({len(nodes)} node{'s' if len(nodes) != 1 else ''})"
+    parts = []
+    if short:
+        parts.append(f"its actors ask for {_fmt(need)} in all and {cluster} offers {_fmt(offered)}")
+    if unfit:
+        parts.append(f"no node of {cluster} fits one {', one '.join(r.what for r in unfit)} "
+                     f"(largest node: {_fmt(max(nodes, key=lambda n: n.get('CPU', 0.0)) if nodes else {})})")
+    asks = " + ".join(r.describe() for r in requests)
+    msg = f"{where}: {'; '.join(parts)}. Requested: {asks}."
+    if local:
+        raise ResourceRequestError(f"{msg} Lower those keys, or join a larger cluster (--ray-address / RAY_ADDRESS)")
+    logger.warning("%s Waiting for the cluster to grow (the run fails after ray_pending_timeout_s)", msg)
+
+
+def _awaits_resources(actor: Any) -> bool:
+    """Whether Ray has not placed ``actor`` on a worker yet (created but waiting for resources). A placed actor
+    whose constructor still runs has a process id; one that died is not waiting."""
+    from ray._private import state
+
+    info = state.actors(actor._actor_id.hex()) or {}
+    return info.get("State") in ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING") and not info.get("Pid")
+
+
+def wait_until_placed(actors: Sequence[tuple[str, Any, ActorRequest | str]], timeout_s: float = DEFAULT_PENDING_TIMEOUT_S,
+                      warn_every_s: float | None = None) -> None:
+    """Block until Ray has placed each of ``actors`` (``(name, handle, what it asks for)``) on a node; their
+    constructors may still run. Every ``warn_every_s`` while some wait, a warning names them and their resources;
+    after ``timeout_s`` (config key ``ray_pending_timeout_s``) :class:`ResourceRequestError` is raised."""
+    import ray
+
+    warn_every_s = PENDING_WARN_S if warn_every_s is None else warn_every_s
+    t0 = time.monotonic()
+    next_warn, delay = t0 + warn_every_s, 0.02
+    waiting = list(actors)
+    while True:
+        waiting = [a for a in waiting if _awaits_resources(a[1])]
+        if not waiting:
+            return
+        now = time.monotonic()
+        if now - t0 >= timeout_s or now >= next_warn:
+            ask = "; ".join(f"{name} asks for {req if isinstance(req, str) else _fmt(req.per_actor())}"
+                            for name, _, req in waiting)
+            free = f"free on the cluster: {_fmt(ray.available_resources())} (of {_fmt(ray.cluster_resources())})"
+            if now - t0 >= timeout_s:
+                raise ResourceRequestError(
+                    f"{len(waiting)} Ray actor(s) still wait for resources after {timeout_s:g} s "
+                    f"(ray_pending_timeout_s): {ask}; {free}")
+            logger.warning("still waiting %.0f s for Ray resources: %s; %s", now - t0, ask, free)
+            next_warn += warn_every_s
+        time.sleep(min(delay, max(0.0, t0 + timeout_s - now)))
+        delay = min(delay * 2, 1.0)

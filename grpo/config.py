@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from argrpo.cluster import ActorRequest
 from argrpo.config import require_at_least
 from argrpo.grpo.evaluate import EvalSettings
 from argrpo.grpo.sharding import DistributedConfig
@@ -310,6 +311,11 @@ class GRPORunConfig:
     reward_actors: bool = field(default=False, metadata={"help": "score rewards on Ray actors, all concurrently"})
     reward_pool: RewardPoolConfig = field(default_factory=RewardPoolConfig,
                                           metadata={"help": "reward actors' resources (with reward_actors)"})
+    ray_pending_timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "seconds a rollout or reward actor may wait for a joined Ray cluster's resources before the "
+                          "run fails (a warning names it every 30 s meanwhile; a local cluster too small for the "
+                          "actors fails at once)"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "prompt sets"})
     grpo: GRPOSection = field(default_factory=GRPOSection, metadata={"help": "TRL GRPO settings"})
     correction: CorrectionConfig = field(default_factory=CorrectionConfig, metadata={"help": "IS correction"})
@@ -323,6 +329,8 @@ class GRPORunConfig:
     def __post_init__(self):
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        if self.ray_pending_timeout_s <= 0:
+            raise ValueError(f"ray_pending_timeout_s must be > 0, got {self.ray_pending_timeout_s}")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is needed (e.g. rewards: [{name: geneval_dense}])")
         keys = [r.key for r in self.rewards]
@@ -352,3 +360,10 @@ class GRPORunConfig:
         learner_numerics = self.grpo.bf16 and self.policy.dtype == "float32"
         return (self.rollout.mode == "async" or self.rollout.engine != "torch" or s.use_cfg or s.top_k > 0
                 or s.top_p < 1.0 or learner_numerics)
+
+    def actor_requests(self) -> list[ActorRequest]:
+        """The Ray actors this run creates (rollout workers, reward actors) and what each asks for."""
+        requests = [self.rollout.actor_request()]
+        if self.reward_actors:
+            requests += self.reward_pool.actor_requests([r.key for r in self.rewards])
+        return [r for r in requests if r.count > 0]

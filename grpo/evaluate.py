@@ -81,6 +81,8 @@ class EvalRunConfig(EvalSettings):
     per_tag_limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each tag"})
     tags: list[str] = field(default_factory=list, metadata={"help": "evaluate only these tags ([] = all)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (None: OMP_NUM_THREADS or cores)"})
+    engine: str = field(default="torch", metadata={"help": "rollout engine that samples ('torch', 'vllm'), in this "
+                                                           "process"})
 
     def __post_init__(self):
         super().__post_init__()

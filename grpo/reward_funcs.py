@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from argrpo.cluster import DEFAULT_PENDING_TIMEOUT_S
 from argrpo.grpo.stats import StepStats
 
 
@@ -65,7 +66,7 @@ class _PooledScores:
     """One Ray RewardPool behind several TRL reward functions: the first call of a batch starts every reward on
     the actors at once, each function then returns its own reward's scores (so TRL still logs each reward)."""
 
-    def __init__(self, specs, config):
+    def __init__(self, specs, config, pending_timeout_s: float):
         import os
         import sys
 
@@ -73,7 +74,8 @@ class _PooledScores:
 
         # plugin rewards ('module:function') are imported inside the actors: give them the driver's import path
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        self.pool = RewardPool(list(specs), config=config, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        self.pool = RewardPool(list(specs), config=config, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                               pending_timeout_s=pending_timeout_s)
         self._key = None
         self._components = None
         self.closed = False
@@ -114,11 +116,12 @@ def display_name(spec) -> str:
     return spec.alias or spec.name.rpartition(":")[2]
 
 
-def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_config=None
-                       ) -> tuple[list[TrackedReward], list[float]]:
+def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_config=None,
+                       pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S) -> tuple[list[TrackedReward], list[float]]:
     """RewardSpec list (config ``rewards:``) -> (TRL reward_funcs, reward_weights).
 
-    actors: score on Ray reward actors (rewards.pool.RewardPool), every reward of a batch concurrently.
+    actors: score on Ray reward actors (rewards.pool.RewardPool), every reward of a batch concurrently;
+    pending_timeout_s: how long they may wait for the cluster's resources.
     """
     from argrpo.rewards.base import build_reward
 
@@ -127,7 +130,7 @@ def build_reward_funcs(specs, stats: StepStats, actors: bool = False, pool_confi
         from argrpo.cluster import init_ray
 
         init_ray()
-        shared = _PooledScores(specs, pool_config)
+        shared = _PooledScores(specs, pool_config, pending_timeout_s)
         for spec in specs:
             funcs.append(TrackedReward(PooledReward(shared, spec.key), stats, name=display_name(spec),
                                        normalize=spec.normalize))

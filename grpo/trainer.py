@@ -246,7 +246,14 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
 
     stats = StepStats()
     reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
-                                               pool_config=cfg.reward_pool)
+                                               pool_config=cfg.reward_pool,
+                                               pending_timeout_s=cfg.ray_pending_timeout_s)
+    if cfg.actor_requests():
+        from argrpo.cluster import check_resources, init_ray
+
+        init_ray()
+        # all of the run's actors at once: each pool alone may fit where both together never would
+        check_resources(cfg.actor_requests(), "grpo run")
     pools: list = []
     try:
         return _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weights, pools)
@@ -331,7 +338,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     out.mkdir(parents=True, exist_ok=True)
     pool = build_rollout_pool(worker_policy(str(loaded.path), cfg.rollout.engine, layout=cfg.policy.layout,
                                             lora=cfg.policy.lora if fresh_lora else None, dtype=cfg.policy.dtype),
-                              cfg.rollout)
+                              cfg.rollout, pending_timeout_s=cfg.ray_pending_timeout_s)
     pools.append(pool)
     sync = WeightSync(pool)
     source = RolloutSource(pool, sync, cfg.rollout.sampling, cfg.grpo.num_generations, dataset["prompt"], P,

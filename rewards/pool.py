@@ -22,13 +22,17 @@ from typing import Any
 
 import numpy as np
 from argrpo.cluster import (
+    DEFAULT_PENDING_TIMEOUT_S,
+    ActorRequest,
     Placement,
     check_cluster_offers,
+    check_resources,
     custom_resources_field,
     placement_field,
     scheduling_options,
     validate_custom_resources,
     validate_placement,
+    wait_until_placed,
 )
 from argrpo.rewards.base import (
     Normalize,
@@ -87,6 +91,23 @@ class RewardPoolConfig:
         self.custom_resources = validate_custom_resources(self.custom_resources, "reward pool: custom_resources")
         validate_placement(self.placement, "reward pool: placement")
 
+    def actor_resources(self, key: str) -> dict:
+        """num_cpus / num_gpus / threads / custom_resources of reward ``key``'s actor (its overrides applied)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "threads": self.threads,
+                "custom_resources": self.custom_resources, **self.resources.get(key, {})}
+
+    def actor_requests(self, keys: Sequence[str], prefix: str = "reward_pool") -> list[ActorRequest]:
+        """What the actors of rewards ``keys`` ask Ray for, naming the config keys that set it."""
+        out = []
+        for key in keys:
+            res = self.actor_resources(key)
+            where = f"{prefix}.resources.{key}" if key in self.resources else prefix
+            names = ["reward_actors", f"{where}.num_cpus"] + [f"{where}.{k}" for k in ("num_gpus", "custom_resources")
+                                                               if res[k]]
+            out.append(ActorRequest(f"reward actor {key!r}", 1, res["num_cpus"], res["num_gpus"],
+                                    res["custom_resources"], tuple(names)))
+        return out
+
 
 class RewardActor:
     """Holds one reward; built inside the actor's process so its model loads there."""
@@ -136,13 +157,16 @@ class RewardPool(Reward):
     ``rewards``: reward config entries (:class:`~rewards.base.RewardSpec`, its dict, or a name), or
     ``{name: reward callable}`` for rewards built here and shipped to the actors by pickling.
     Also a :class:`~rewards.base.Reward` itself, so it can be handed to TRL as one reward function.
+    ``pending_timeout_s``: how long an actor may wait for the cluster's resources before the pool gives up (a local
+    cluster that cannot hold the actors fails before any is created).
     """
 
     name = "reward_pool"
 
     def __init__(self, rewards: Sequence[RewardSpec | Mapping | str] | Mapping[str, Callable],
                  normalize: Normalize = "none", config: RewardPoolConfig | None = None,
-                 runtime_env: dict | None = None, name: str | None = None):
+                 runtime_env: dict | None = None, name: str | None = None,
+                 pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
         import ray
 
         super().__init__(name)
@@ -168,12 +192,11 @@ class RewardPool(Reward):
                                        {k: modes.get(k) or normalize for k, *_ in entries}, name=self.name)
         self.actors: dict[str, Any] = {}
         cls = ray.remote(RewardActor)
-        placed = {}
-        for key, *_ in entries:
-            placed[key] = {"num_cpus": self.config.num_cpus, "num_gpus": self.config.num_gpus,
-                           "threads": self.config.threads, "custom_resources": self.config.custom_resources,
-                           **self.config.resources.get(key, {})}
+        placed = {key: self.config.actor_resources(key) for key, *_ in entries}
+        for key in placed:
             check_cluster_offers(placed[key]["custom_resources"], f"reward pool: reward {key!r}")
+        requests = self.config.actor_requests(list(placed))
+        check_resources(requests, "reward pool")
         for key, spec, fn, _ in entries:
             res = placed[key]
             env = dict(runtime_env or {})
@@ -182,6 +205,12 @@ class RewardPool(Reward):
                            max_restarts=self.config.max_restarts, max_task_retries=0, runtime_env=env,
                            **scheduling_options(res["custom_resources"], self.config.placement))
             self.actors[key] = cls.options(**options).remote(key, spec, fn, int(res["threads"]))
+        try:
+            wait_until_placed([(f"reward actor {k!r}", a, r) for (k, a), r in zip(self.actors.items(), requests)],
+                              pending_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
         # Building the models happens in the actors' constructors: wait so a bad config fails here, by name.
         for key, actor in self.actors.items():
             try:

@@ -22,13 +22,17 @@ from typing import Any, Literal
 
 import numpy as np
 from argrpo.cluster import (
+    DEFAULT_PENDING_TIMEOUT_S,
+    ActorRequest,
     Placement,
     check_cluster_offers,
+    check_resources,
     custom_resources_field,
     placement_field,
     scheduling_options,
     validate_custom_resources,
     validate_placement,
+    wait_until_placed,
 )
 from argrpo.rollout.sampling import resolve_seed
 from argrpo.rollout.types import Rollout, SamplingParams
@@ -77,6 +81,13 @@ class RolloutConfig:
         self.custom_resources = validate_custom_resources(self.custom_resources, "rollout.custom_resources")
         validate_placement(self.placement, "rollout.placement")
 
+    def actor_request(self, prefix: str = "rollout") -> ActorRequest:
+        """What the Ray rollout workers ask for, naming the config keys that set it (none with num_workers 0)."""
+        keys = [f"{prefix}.num_workers", f"{prefix}.num_cpus_per_worker"]
+        keys += [f"{prefix}.{k}" for k in ("num_gpus_per_worker", "custom_resources") if getattr(self, k)]
+        return ActorRequest("rollout worker", self.num_workers, self.num_cpus_per_worker, self.num_gpus_per_worker,
+                            self.custom_resources, tuple(keys))
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
@@ -123,9 +134,12 @@ class RolloutPool:
         policy: checkpoint directory, PolicyComponents or a zero-argument callable returning one (must pickle).
         config: RolloutConfig (engine, workers, resources, restart policy).
         engine_kwargs: extra engine constructor arguments.
+        pending_timeout_s: how long a worker may wait for the cluster's resources before the pool gives up (a
+            local cluster that cannot hold the workers fails before any is created).
     """
 
-    def __init__(self, policy, config: RolloutConfig | None = None, engine_kwargs: dict | None = None, dtype=None):
+    def __init__(self, policy, config: RolloutConfig | None = None, engine_kwargs: dict | None = None, dtype=None,
+                 pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
         import ray
 
         if not ray.is_initialized():
@@ -137,6 +151,8 @@ class RolloutPool:
             raise ValueError("RolloutPool needs num_workers >= 1 (use LocalRolloutPool for in-process rollouts)")
         threads = str(config.num_cpus_per_worker)
         check_cluster_offers(config.custom_resources, "rollout.custom_resources")
+        request = config.actor_request()
+        check_resources([request], "rollout pool")
         actor_cls = ray.remote(RolloutWorker).options(
             **scheduling_options(config.custom_resources, config.placement),
             num_cpus=config.num_cpus_per_worker,
@@ -153,6 +169,12 @@ class RolloutPool:
                              num_threads=config.num_cpus_per_worker, dtype=dtype)
             for _ in range(config.num_workers)
         ]
+        try:
+            wait_until_placed([(f"rollout worker {i}", w, request) for i, w in enumerate(self.workers)],
+                              pending_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
         self.version = ray.get(self.workers[0].weight_version.remote())  # also waits for the constructors
         ray.get([w.weight_version.remote() for w in self.workers[1:]])
         self._weights: tuple[Any, int, bool] | None = None  # (object ref, version, adapter) of the latest weights
@@ -298,7 +320,9 @@ class LocalRolloutPool:
         self.shutdown()
 
 
-def build_rollout_pool(policy, config: RolloutConfig, engine_kwargs: dict | None = None, dtype=None):
+def build_rollout_pool(policy, config: RolloutConfig, engine_kwargs: dict | None = None, dtype=None,
+                       pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
     """``num_workers == 0``: LocalRolloutPool; else a Ray RolloutPool."""
-    cls = LocalRolloutPool if config.num_workers == 0 else RolloutPool
-    return cls(policy, config, engine_kwargs=engine_kwargs, dtype=dtype)
+    if config.num_workers == 0:
+        return LocalRolloutPool(policy, config, engine_kwargs=engine_kwargs, dtype=dtype)
+    return RolloutPool(policy, config, engine_kwargs=engine_kwargs, dtype=dtype, pending_timeout_s=pending_timeout_s)

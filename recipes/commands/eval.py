@@ -22,8 +22,18 @@ def run(args) -> int:
                          f"per_tag_limit={cfg.per_tag_limit}, limit={cfg.limit}")
     if cfg.geneval_layout is None:
         cfg.geneval_layout = from_file  # GenEval's own files get GenEval's layout by default
-    policy = load_policy(cfg.policy, device=resolve_device(cfg.device))
-    result = evaluate(policy, cfg.image_tokenizer, [s for _, s in indexed], cfg, indices=[i for i, _ in indexed])
+    engine = None
+    if cfg.engine == "torch":
+        policy = load_policy(cfg.policy, device=resolve_device(cfg.device))
+        image_tokenizer = cfg.image_tokenizer
+    else:
+        from argrpo.rollout.worker import RolloutWorker
+
+        # one in-process worker builds the engine (vLLM reads the checkpoint itself) and holds layout and tokenizers
+        policy = RolloutWorker(cfg.policy, engine=cfg.engine, device=str(resolve_device(cfg.device)))
+        engine, image_tokenizer = policy.engine, cfg.image_tokenizer or policy.image_tokenizer
+    result = evaluate(policy, image_tokenizer, [s for _, s in indexed], cfg, indices=[i for i, _ in indexed],
+                      engine=engine)
     print(result.to_markdown(title=f"{cfg.policy} on {cfg.prompts}"))
     print(f"written to {cfg.output_dir}")
     return 0

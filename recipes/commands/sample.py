@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from argrpo.models.runtime import resolve_device, set_threads
     from argrpo.rollout.pool import RolloutConfig, build_rollout_pool
     from argrpo.rollout.types import SamplingParams
-    from argrpo.rollout.worker import PolicyComponents
+    from argrpo.rollout.worker import PolicyComponents, engine_loads_checkpoint
     from tqdm import tqdm
 
     if args.n < 1 or args.batch_prompts < 1:
@@ -85,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads()
     device = str(resolve_device(args.device))
-    if args.workers > 0:
-        policy = str(args.checkpoint)  # each Ray worker loads the checkpoint itself
+    if args.workers > 0 or engine_loads_checkpoint(args.engine):
+        # each Ray worker, and an engine that reads the weights itself (vLLM, in this process), loads the checkpoint
+        policy = str(args.checkpoint)
         if args.image_tokenizer or args.layout:
-            raise SystemExit("argrpo sample: --image-tokenizer / --layout need --workers 0")
+            raise SystemExit("argrpo sample: --image-tokenizer / --layout need --workers 0 and --engine torch")
     else:
         loaded = load_policy(args.checkpoint, layout=args.layout, device=device)
         tok_path = args.image_tokenizer or loaded.image_tokenizer_path

@@ -89,6 +89,25 @@ def run_trial(config: dict) -> dict:
     return result
 
 
+def check_trial_resources(config_path: str | None, base_overrides: list[str], trials: list[dict],
+                          cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Before Tune starts: each trial's own reservation plus the Ray actors its config asks for must fit the cluster
+    (a local cluster fails here, naming the numbers; a joined one warns). A trial whose config does not load is
+    left to fail as that trial, by name."""
+    from argrpo.cluster import ActorRequest, check_resources
+    from argrpo.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+
+    keys = ("--cpus-per-trial",) + (("--gpus-per-trial",) if gpus_per_trial else ())
+    trial = ActorRequest("sweep trial", 1, cpus_per_trial, gpus_per_trial, keys=keys)
+    for t in trials:
+        try:
+            cfg = load_config(GRPORunConfig, config_path, list(base_overrides) + list(t["overrides"]))
+        except Exception:  # noqa: BLE001 - reported by Tune as this trial's error
+            continue
+        check_resources([trial, *cfg.actor_requests()], f"sweep trial {t['name']}")
+
+
 def sweep(config_path: str | None, grid: dict[str, list], seeds: int, out_dir: str, base_overrides: list[str],
           cpus_per_trial: float, gpus_per_trial: float, ray_address: str | None = None) -> list[dict]:
     """Run every trial on Ray Tune; return one row per trial (failed trials carry their error)."""
@@ -97,6 +116,7 @@ def sweep(config_path: str | None, grid: dict[str, list], seeds: int, out_dir: s
 
     init_ray(address=ray_address)
     trials = expand_trials(grid, seeds)
+    check_trial_resources(config_path, base_overrides, trials, cpus_per_trial, gpus_per_trial)
     sweep_dir = Path(out_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(run_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
