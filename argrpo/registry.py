@@ -88,8 +88,10 @@ class Registry(Mapping[str, T], Generic[T]):
         return self._entries.pop(name, *default)
 
     # ---- lookup ----------------------------------------------------------------------------------------------------
-    def lookup(self, name: str) -> T:
-        """The entry registered as ``name`` (built-ins imported on demand), or a plugin's attribute where allowed."""
+    def lookup(self, name: str, where: str | None = None) -> T:
+        """The entry registered as ``name`` (built-ins imported on demand), or a plugin's attribute where allowed.
+
+        ``where`` (a file, a config key) starts the error message of an unknown name."""
         if not isinstance(name, str):
             raise TypeError(f"{self.kind} name must be a string, got {name!r}")
         if self.plugins and ":" in name:
@@ -98,7 +100,8 @@ class Registry(Mapping[str, T], Generic[T]):
             self._import_builtins(name)
         if name not in self._entries:
             hint = " (or name a plugin as 'package.module:attr')" if self.plugins else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {self.names()}{hint}")
+            prefix = f"{where}: " if where else ""
+            raise UnknownNameError(f"{prefix}unknown {self.kind} {name!r}; registered: {self.names()}{hint}")
         return self._entries[name]
 
     def names(self) -> list[str]:

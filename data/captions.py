@@ -20,26 +20,34 @@ import csv
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from argrpo.errors import UserFileError
 from argrpo.jsonl import read_jsonl
+from argrpo.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-SOURCE_KINDS = ("imagefolder", "jsonl", "parquet", "shapes")
 CAPTION_STYLES = ("prompt", "mixed")
 
 
-class CaptionDataError(ValueError):
+class CaptionDataError(UserFileError):
     """A bad row or file in image-caption data; the message names the file and the row."""
+
+
+# data.kind -> the reader of that source into a datasets.Dataset (each is registered where it is defined below)
+CAPTION_SOURCES: Registry[Callable[[CaptionSource], Any]] = Registry("caption source")
 
 
 @dataclass
 class CaptionSource:
     """Where image-caption pairs come from."""
 
-    kind: str = field(default="shapes", metadata={"help": f"one of {list(SOURCE_KINDS)}"})
+    kind: str = field(default="shapes", metadata={"help": "a registered caption source: imagefolder, jsonl, parquet or "
+                                                          "shapes"})
     path: str | None = field(
         default=None, metadata={"help": "image folder, or the .jsonl / .parquet file (not used for shapes)"}
     )
@@ -69,8 +77,7 @@ class CaptionSource:
     )
 
     def __post_init__(self):
-        if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"data.kind must be one of {list(SOURCE_KINDS)}, got {self.kind!r}")
+        CAPTION_SOURCES.lookup(self.kind, where="data.kind")
         if self.kind != "shapes" and not self.path:
             raise ValueError(f"data.path is required for data.kind={self.kind!r}")
         if self.shapes_captions not in CAPTION_STYLES:
@@ -108,23 +115,35 @@ def _check_row(source: Path, row: int, caption, image, base: Path) -> tuple[str,
     return caption, str(path.resolve()), _sha_file(path)
 
 
-def _table_rows(src: CaptionSource) -> tuple[Path, list[tuple]]:
-    """(file the rows came from, [(caption, image_ref)]) for jsonl / parquet sources."""
+def _table_file(src: CaptionSource) -> Path:
     path = Path(src.path)
     if not path.is_file():
         raise CaptionDataError(f"{path}: data file not found")
-    if src.kind == "jsonl":
-        rows = [row for _, row in read_jsonl(path, CaptionDataError)]
-        pairs = [(r.get(src.caption_column), r.get(src.image_column)) for r in rows]
-    else:
-        import datasets
+    return path
 
-        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-        for col in (src.caption_column, src.image_column):
-            if col not in table.column_names:
-                raise CaptionDataError(f"{path}: no column {col!r}; columns: {table.column_names}")
-        pairs = list(zip(table[src.caption_column], table[src.image_column]))
-    return path, pairs
+
+@CAPTION_SOURCES.register("jsonl")
+def _jsonl_dataset(src: CaptionSource):
+    path = _table_file(src)
+    rows = [row for _, row in read_jsonl(path, CaptionDataError)]
+    return _file_dataset(src, path, [(r.get(src.caption_column), r.get(src.image_column)) for r in rows])
+
+
+@CAPTION_SOURCES.register("parquet")
+def _parquet_dataset(src: CaptionSource):
+    import datasets
+
+    path = _table_file(src)
+    table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    for col in (src.caption_column, src.image_column):
+        if col not in table.column_names:
+            raise CaptionDataError(f"{path}: no column {col!r}; columns: {table.column_names}")
+    return _file_dataset(src, path, list(zip(table[src.caption_column], table[src.image_column])))
+
+
+@CAPTION_SOURCES.register("imagefolder")
+def _folder_dataset(src: CaptionSource):
+    return _file_dataset(src, *_folder_rows(src))
 
 
 def _folder_rows(src: CaptionSource) -> tuple[Path, list[tuple]]:
@@ -158,11 +177,13 @@ def load_caption_dataset(src: CaptionSource):
     Columns: file sources ``caption, image_path, image_sha``; shapes ``caption, spec, render_seed, world``
     (``world``: the ShapesWorld settings as JSON).
     """
+    return CAPTION_SOURCES.lookup(src.kind)(src)
+
+
+def _file_dataset(src: CaptionSource, origin: Path, pairs: list[tuple]):
+    """``(caption, image reference)`` rows read from ``origin`` -> the checked dataset of a file source."""
     import datasets
 
-    if src.kind == "shapes":
-        return _shapes_dataset(src)
-    origin, pairs = _folder_rows(src) if src.kind == "imagefolder" else _table_rows(src)
     if src.limit is not None:
         pairs = pairs[: src.limit]
     if not pairs:
@@ -238,6 +259,7 @@ def heldout_prompts(world) -> frozenset[str]:
     return frozenset(spec_from_key(t, k)["prompt"] for t in TAGS for k in world.split_compositions("heldout", t))
 
 
+@CAPTION_SOURCES.register("shapes")
 def _shapes_dataset(src: CaptionSource):
     import datasets
     from argrpo.data.shapes import ShapesWorld, render_seed

@@ -33,6 +33,8 @@ def test_unknown_name_is_one_line_listing_the_known():
         reg.lookup("alpah")
     msg = str(info.value)
     assert msg == "unknown widget 'alpah'; registered: ['alpha', 'beta']"
+    with pytest.raises(UnknownNameError, match=r"^run.yaml: widget: unknown widget 'x'; registered"):
+        reg.lookup("x", where="run.yaml: widget")
     # callers that caught KeyError or ValueError before still do; the CLI sees a user error
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError) and isinstance(info.value, UserError)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from argrpo.errors import MissingFileError, UnknownNameError, UserFileError
+from argrpo.errors import MissingFileError, UserFileError
 from argrpo.models.image_tokenizers.base import IMAGE_TOKENIZERS, ImageTokenizer, register_image_tokenizer
 
 CONFIG_NAME = "image_tokenizer.json"
@@ -30,8 +30,4 @@ def load_image_tokenizer(path: str | Path):
     kind = cfg.get("kind") if isinstance(cfg, dict) else None
     if not isinstance(kind, str):
         raise UserFileError(f"{cfg_path}: missing string key 'kind'")
-    try:
-        cls = IMAGE_TOKENIZERS.lookup(kind)
-    except UnknownNameError as e:
-        raise UnknownNameError(f"{cfg_path}: {e}") from None
-    return cls.from_pretrained(path)
+    return IMAGE_TOKENIZERS.lookup(kind, where=str(cfg_path)).from_pretrained(path)
