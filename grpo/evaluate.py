@@ -256,8 +256,10 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
     """Sample, decode, detect and judge every prompt; write the outputs ``cfg.output_dir`` asks for.
 
     Args:
-        policy: ``models.policy.LoadedPolicy`` (or anything with ``model``, ``tokenizer``, ``layout``).
-        image_tokenizer: an ImageTokenizer, its directory, or None for ``policy.image_tokenizer_path``.
+        policy: ``models.policy.LoadedPolicy`` (or anything with ``model``, ``tokenizer``, ``layout`` and
+            optionally ``family``).
+        image_tokenizer: an ImageTokenizer, its directory, or None for the policy's own decoder (Janus's VQ-VAE)
+            or ``policy.image_tokenizer_path``.
         prompts: GenEval rows (dicts or JSON strings with ``prompt`` and ``tag``) or a GenEval jsonl path.
         cfg: EvalSettings (an EvalRunConfig works too) or a dict of its fields; ``overrides`` replace fields
             (``sampling`` as a dict), e.g. ``evaluate(p, tok, rows, sampling={"n": 2, "cfg_scale": 1.0})``.
@@ -265,9 +267,9 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
         engine: a RolloutEngine to sample with (e.g. a vLLM engine already holding the weights); default a
             ``TorchEngine`` around ``policy.model``.
     """
+    from argrpo.models.families import family_for_layout
     from argrpo.models.runtime import resolve_device
     from argrpo.rewards.geneval import GenEvalReward
-    from argrpo.rollout.engines.base import encode_prompts
     from argrpo.rollout.engines.torch_engine import TorchEngine
     from tqdm.auto import tqdm
 
@@ -276,6 +278,9 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
     indices = list(range(len(specs))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(specs):
         raise ValueError(f"{len(indices)} indices for {len(specs)} prompts")
+    family = getattr(policy, "family", None) or family_for_layout(policy.layout)
+    if image_tokenizer is None and getattr(policy, "model", None) is not None:
+        image_tokenizer = family.image_decoder(policy.model)
     if image_tokenizer is None or isinstance(image_tokenizer, (str, Path)):
         from argrpo.models.image_tokenizers import load_image_tokenizer
 
@@ -292,7 +297,8 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
     model = getattr(policy, "model", None)
     was_training = bool(getattr(model, "training", False))
     if engine is None:
-        engine = TorchEngine(model, layout, device=device, tokenizer=tokenizer, max_batch_rows=cfg.max_batch_rows)
+        engine = TorchEngine(model, layout, device=device, tokenizer=tokenizer, max_batch_rows=cfg.max_batch_rows,
+                             family=family)
     reward = GenEvalReward(detector=cfg.detector, detector_kwargs=cfg.detector_kwargs,
                            color_classifier=cfg.color_classifier, rules=cfg.rules or None)
     n, base_seed = cfg.sampling.n, cfg.sampling.seed if cfg.sampling.seed is not None else 0
@@ -307,7 +313,7 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
         for start in range(0, len(specs), cfg.batch_prompts):
             chunk = specs[start : start + cfg.batch_prompts]
             t0 = time.perf_counter()
-            ids = encode_prompts(tokenizer, layout, [s["prompt"] for s in chunk])
+            ids = family.encode_prompts(tokenizer, [s["prompt"] for s in chunk])
             roll = engine.generate(ids, cfg.sampling.with_(seed=base_seed + start * n))
             t1 = time.perf_counter()
             with torch.inference_mode():

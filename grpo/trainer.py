@@ -47,6 +47,7 @@ from argrpo.grpo.sharding import (
     training_arguments,
 )
 from argrpo.grpo.stats import StepStats
+from argrpo.models.families import family_for_layout
 from argrpo.models.unwrap import unwrap_model
 from trl import GRPOConfig, GRPOTrainer
 
@@ -64,7 +65,8 @@ class ARGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` for visual-token policies.
 
     Extra keyword arguments:
-        layout: the policy's TokenLayout (where the visual slice is).
+        layout: the policy's ``ModelFamily`` (how its visual logits are computed), or a bare TokenLayout (the
+            shared-vocabulary family).
         correction: CorrectionConfig to apply the importance-sampling correction with, or None.
         stats: StepStats the rollout function and rewards write into; merged into each training log line.
         skip_zero_advantage: drop completions whose advantage is 0 from the generation batch before it is split
@@ -75,11 +77,12 @@ class ARGRPOTrainer(GRPOTrainer):
                  skip_zero_advantage: bool = False, **kwargs):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook
         super().__init__(*args, **kwargs)
-        self.layout = layout
+        self.family = family_for_layout(layout)
+        self.layout = self.family.layout
         self.stats = stats if stats is not None else StepStats()
-        install_visual_head(unwrap_model(self.model), layout, self.temperature)
+        install_visual_head(unwrap_model(self.model), self.family, self.temperature)
         if self.ref_model is not None:
-            install_visual_head(unwrap_model(self.ref_model), layout, self.temperature)
+            install_visual_head(unwrap_model(self.ref_model), self.family, self.temperature)
         self.skip_zero_advantage = skip_zero_advantage
         self.sampler_correction = correction
         if correction is not None:
@@ -311,10 +314,13 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
     from argrpo.grpo import callbacks as cb
     from argrpo.grpo.rollouts import RolloutSource
     from argrpo.grpo.weight_sync import WeightSync, worker_policy
+    from argrpo.models.families import check_engine, detect_family
     from argrpo.models.policy import is_peft_model, policy_from_config
     from argrpo.rollout.pool import build_rollout_pool
     from transformers.integrations import TensorBoardCallback
 
+    # an engine that cannot generate the checkpoint's family fails here, before any weights load
+    check_engine(detect_family(cfg.policy.checkpoint), cfg.rollout.engine)
     # policy: a fresh LoRA adapter goes to TRL as a peft_config, so TRL's reference is the adapter-disabled model
     model, loaded = policy_from_config(cfg.policy, device=str(device))
     peft_config, fresh_lora = None, False
@@ -369,7 +375,7 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
         peft_config=peft_config,
         rollout_func=source,
         callbacks=hf_callbacks,
-        layout=layout,
+        layout=loaded.family,
         correction=cfg.correction if cfg.use_correction else None,
         stats=stats,
         skip_zero_advantage=cfg.grpo.skips_zero_advantage,
@@ -418,13 +424,16 @@ def _default_eval_fn(cfg: GRPORunConfig, run: GRPORun):
     e = cfg.eval
     specs, _ = ev.load_prompt_set(e.prompts or cfg.data.eval_prompts, e.shapes_per_tag, e.shapes_seed)
     specs = specs[: e.limit] if e.limit else specs
-    if run.image_tokenizer_path is None:
+    family = run.trainer.family
+    image_tokenizer = family.image_decoder(run.trainer.model)  # the checkpoint's own decoder (Janus), if any
+    if image_tokenizer is None and run.image_tokenizer_path is None:
         raise ValueError(f"{cfg.policy.checkpoint}: evaluation needs the policy's image tokenizer")
-    image_tokenizer = load_image_tokenizer(run.image_tokenizer_path)
+    if image_tokenizer is None:
+        image_tokenizer = load_image_tokenizer(run.image_tokenizer_path)
 
     def fn(trainer, step):
         policy = SimpleNamespace(model=trainer.accelerator.unwrap_model(trainer.model), tokenizer=run.tokenizer,
-                                 layout=run.layout, image_tokenizer_path=run.image_tokenizer_path)
+                                 layout=run.layout, image_tokenizer_path=run.image_tokenizer_path, family=family)
         result = ev.evaluate(policy, image_tokenizer, specs, e.settings)
         out = {"score": result.overall, "score_se": result.overall_stderr}
         out.update({tag: s.accuracy for tag, s in result.tags.items()})

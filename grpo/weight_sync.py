@@ -117,22 +117,18 @@ class WorkerPolicy:
     device: str = "cpu"
 
     def __call__(self):
-        from argrpo.models.image_tokenizers import load_image_tokenizer
         from argrpo.models.policy import load_policy
         from argrpo.rollout.worker import PolicyComponents
 
         loaded = load_policy(self.checkpoint, layout=self.layout, device=self.device, dtype=self.dtype)
-        model = loaded.model
+        model = loaded.family.rollout_model(loaded.model)
         if self.lora is not None:
             from argrpo.models.policy import apply_lora
 
             model = apply_lora(model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
-                               target_modules=self.lora.target_modules)
+                               target_modules=self.lora.target_modules, family=loaded.family)
         model.eval()
-        image_tokenizer = None
-        if loaded.image_tokenizer_path is not None:
-            image_tokenizer = load_image_tokenizer(loaded.image_tokenizer_path)
-        return PolicyComponents(model, loaded.layout, loaded.tokenizer, image_tokenizer)
+        return PolicyComponents(model, loaded.layout, loaded.tokenizer, loaded.image_decoder(), family=loaded.family)
 
 
 def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=None, dtype: str | None = None):

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from argrpo.models.families import family_for_layout
 from argrpo.models.layout import TokenLayout
-from argrpo.rollout.engines import encode_prompts, get_engine
+from argrpo.rollout.engines import get_engine
 from argrpo.rollout.types import Rollout, SamplingParams
 
 
@@ -29,7 +30,8 @@ class PolicyComponents:
 
     model: HF causal LM or PeftModel; layout: its TokenLayout; tokenizer: text tokenizer (needed for string
     prompts and CFG); image_tokenizer: has ``decode(codes [B, h, w]) -> uint8 [B, H, W, 3]`` (None: no images);
-    uncond_prompt_ids: the unconditional prompt's ids when there is no tokenizer.
+    uncond_prompt_ids: the unconditional prompt's ids when there is no tokenizer; family: the model's
+    ``models.families.ModelFamily`` (None: the shared-vocabulary family of ``layout``).
     """
 
     model: Any
@@ -37,6 +39,7 @@ class PolicyComponents:
     tokenizer: Any = None
     image_tokenizer: Any = None
     uncond_prompt_ids: list[int] | None = None
+    family: Any = None
 
 
 def load_components(
@@ -52,7 +55,8 @@ def load_components(
         from argrpo.models.policy import load_policy
 
         loaded = load_policy(checkpoint, device=device, dtype=dtype)
-        model, layout, tokenizer, tok_path = loaded.model, loaded.layout, loaded.tokenizer, loaded.image_tokenizer_path
+        return PolicyComponents(loaded.family.rollout_model(loaded.model), loaded.layout, loaded.tokenizer,
+                                loaded.image_decoder(), family=loaded.family)
     else:
         from argrpo.models.policy import read_policy_meta
         from argrpo.models.text_tokenizer import load_text_tokenizer
@@ -60,6 +64,10 @@ def load_components(
         meta = read_policy_meta(checkpoint)
         if meta is None:
             raise ValueError(f"{checkpoint}: no argrpo.json; this engine needs an argrpo checkpoint directory")
+        from argrpo.models.families import check_engine, detect_family
+
+        # engines that read the directory themselves are vLLM's kind: refuse a family it cannot generate
+        check_engine(detect_family(checkpoint, meta), "vllm")
         model, layout = None, TokenLayout.from_dict(meta["layout"])
         tokenizer = load_text_tokenizer(checkpoint)
         ref = meta.get("image_tokenizer")
@@ -137,8 +145,11 @@ def engine_loads_checkpoint(engine: str) -> bool:
             if not isinstance(policy, PolicyComponents) and "column_major_weights" in inspect.signature(
                     engine_cls.__init__).parameters:
                 kwargs.setdefault("column_major_weights", True)  # this worker built the model: nothing else trains it
+            if comps.family is not None and "family" in inspect.signature(engine_cls.__init__).parameters:
+                kwargs.setdefault("family", comps.family)
             self.engine = engine_cls(comps.model, comps.layout, device=device, tokenizer=comps.tokenizer, **kwargs)
         self.layout = comps.layout
+        self.family = comps.family if comps.family is not None else family_for_layout(comps.layout)
         self.tokenizer = comps.tokenizer
         self.image_tokenizer = comps.image_tokenizer
         if self.image_tokenizer is not None:
@@ -202,7 +213,7 @@ def engine_loads_checkpoint(engine: str) -> bool:
         if all(isinstance(p, str) for p in prompts):
             if self.tokenizer is None:
                 raise ValueError("string prompts need a text tokenizer; pass token ids or a tokenizer")
-            return encode_prompts(self.tokenizer, self.layout, list(prompts))
+            return self.family.encode_prompts(self.tokenizer, list(prompts))
         if any(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be all captions (str) or all token-id lists")
         return [list(p) for p in prompts]

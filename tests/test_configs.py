@@ -22,6 +22,7 @@ CONFIG_CLASSES = (
     ("eval", "argrpo.grpo.evaluate:EvalRunConfig"),
     ("grpo", "argrpo.grpo.config:GRPORunConfig"),
     ("*_grpo_*", "argrpo.grpo.config:GRPORunConfig"),
+    ("*_grpo", "argrpo.grpo.config:GRPORunConfig"),
     ("pipeline", "argrpo.recipes.commands.pipeline:PipelineConfig"),
 )
 

@@ -125,6 +125,15 @@ class JanusFamily(ModelFamily):
     def image_decoder(self, model):
         return JanusImageDecoder(unwrap_model(model).model.vqmodel, self.layout)
 
+    def rollout_model(self, model):
+        """Drop the understanding tower (SigLIP encoder + aligner): image generation never runs it. Its names are
+        recorded so full-weight pushes that still carry those tensors load without complaint."""
+        inner = unwrap_model(model).model
+        inner.vision_model = None
+        inner.aligner = None
+        unwrap_model(model)._argrpo_dropped = ("model.vision_model.", "model.aligner.")
+        return model
+
     def lora_targets(self, names):
         """LoRA on the language model only (a regex peft matches against full module names)."""
         return LORA_SCOPE.format(names="|".join(names))

@@ -92,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("argrpo sample: --image-tokenizer / --layout need --workers 0 and --engine torch")
     else:
         loaded = load_policy(args.checkpoint, layout=args.layout, device=device)
-        tok_path = args.image_tokenizer or loaded.image_tokenizer_path
-        if tok_path is None:
+        # the checkpoint's own decoder (Janus's VQ-VAE) or the image tokenizer directory it records
+        image_tokenizer = load_image_tokenizer(args.image_tokenizer) if args.image_tokenizer else loaded.image_decoder()
+        if image_tokenizer is None:
             raise SystemExit(f"argrpo sample: {args.checkpoint} names no image tokenizer; pass --image-tokenizer DIR")
-        policy = PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, load_image_tokenizer(tok_path))
+        policy = PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, image_tokenizer, family=loaded.family)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg,
                               jacobi=args.jacobi)
     config = RolloutConfig(engine=args.engine, num_workers=args.workers, device=device, sampling=sampling)

@@ -223,9 +223,12 @@ class TorchEngine:
             result = target.load_state_dict(state_dict, strict=False)
             tied = self._tied_keys()
             missing = [k for k in result.missing_keys if k not in tied]
-            if missing or result.unexpected_keys:
+            # parts a rollout copy dropped (models.families: ModelFamily.rollout_model) may still arrive
+            dropped = getattr(unwrap_model(self.model), "_argrpo_dropped", ())
+            unexpected = [k for k in result.unexpected_keys if not (dropped and k.startswith(dropped))]
+            if missing or unexpected:
                 raise ValueError(
-                    f"full weights do not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                    f"full weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
         self.weight_version = int(version)
 

@@ -1,0 +1,93 @@
+"""`argrpo sample`, `eval` and `grpo` on a tiny Janus-Pro directory as transformers ships it (no argrpo.json)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from argrpo.recipes.cli import main
+from grpo_fixtures import PLUGIN_SOURCE
+from janus_fixtures import save_tiny_janus
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def janus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("janus_cli")
+    ckpt = save_tiny_janus(root / "Janus-Pro-tiny")
+    (root / "prompts.txt").write_text("a red circle\na blue square left of a green triangle\n")
+    (root / "plugins").mkdir()
+    (root / "plugins" / "user_rewards.py").write_text(PLUGIN_SOURCE)
+    (root / "base.yaml").write_text(f"output_dir: {root / 'unused'}\n")
+    return root, ckpt
+
+
+def _grpo(root, ckpt, out, *extra):
+    sets = [f"output_dir={out}", f"policy.checkpoint={ckpt}", "rewards=[{name: 'user_rewards:redness'}]",
+            f"data.train_prompts={root / 'prompts.txt'}", "rollout.num_workers=0", "grpo.num_generations=2",
+            "grpo.per_device_train_batch_size=4", "grpo.learning_rate=0.01", "logging.report_to=[]",
+            "logging.image_every=0", "logging.progress=false", "threads=1", *extra]
+    assert main(["grpo", str(root / "base.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sample_and_eval(janus, tmp_path):
+    root, ckpt = janus
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(ckpt), "--prompts", str(root / "prompts.txt"), "--n", "2",
+                 "--cfg", "5", "--out", str(out), "--seed", "0"]) == 0
+    img = np.asarray(Image.open(out / "00001" / "samples" / "00001.png"))
+    assert img.shape == (64, 64, 3)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"policy: {ckpt}\nprompts: shapes:heldout\nshapes_per_tag: 1\nsampling:\n  n: 2\n  cfg_scale: 5.0\n"
+                   f"detector: shapes\ngrid_prompts: 1\noutput_dir: {tmp_path / 'eval'}\n")
+    assert main(["eval", str(cfg)]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["n_images"] == 2 * result["n_prompts"] > 0
+
+
+def test_grpo_cfg_rollouts_log_the_correction_and_save_a_janus_checkpoint(janus, tmp_path, monkeypatch):
+    from transformers import JanusForConditionalGeneration
+
+    root, ckpt = janus
+    monkeypatch.syspath_prepend(str(root / "plugins"))
+    rows = _grpo(root, ckpt, tmp_path / "grpo", "grpo.max_steps=3", "rollout.sampling.cfg_scale=5.0")
+    assert len(rows) == 3
+    ratio = [r["sampling/importance_sampling_ratio/mean"] for r in rows]
+    assert all(np.isfinite(ratio)) and max(r["sampling/sampling_logp_difference/max"] for r in rows) > 0
+    before = JanusForConditionalGeneration.from_pretrained(str(ckpt))
+    after = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "grpo" / "final"))
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before.state_dict()[name], after.state_dict()[name])  # full fine-tuning moved it
+    assert torch.equal(before.state_dict()["model.vqmodel.decoder.conv_out.weight"],
+                       after.state_dict()["model.vqmodel.decoder.conv_out.weight"])  # nothing trains the VQ-VAE
+
+
+def test_grpo_without_cfg_is_on_policy_and_lora_moves_only_adapters(janus, tmp_path, monkeypatch):
+    from argrpo.models.policy import load_policy
+
+    root, ckpt = janus
+    monkeypatch.syspath_prepend(str(root / "plugins"))
+    rows = _grpo(root, ckpt, tmp_path / "lora", "grpo.max_steps=1", "correction.mode=always",
+                 "policy.lora.enabled=true", "policy.lora.r=4")
+    # step 0: the learner scores the sampler's own distribution (no CFG): TRL's importance ratio is 1
+    assert rows[0]["sampling/importance_sampling_ratio/min"] == pytest.approx(1.0, abs=1e-3)
+    assert rows[0]["sampling/importance_sampling_ratio/max"] == pytest.approx(1.0, abs=1e-3)
+    tuned = load_policy(tmp_path / "lora" / "final")
+    base = load_policy(ckpt).model.state_dict()
+    lora_b = [v for k, v in tuned.model.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # lora_B starts at zero
+    merged = {k.replace(".base_layer", ""): v for k, v in tuned.model.get_base_model().state_dict().items()
+              if "lora_" not in k}
+    same = [k for k, v in base.items() if k in merged and torch.equal(v, merged[k])]
+    assert len(same) == len(base)  # the base weights under the adapters are untouched
+
+
+def test_vllm_engine_is_refused_before_anything_starts(janus, tmp_path, monkeypatch):
+    root, ckpt = janus
+    monkeypatch.syspath_prepend(str(root / "plugins"))
+    with pytest.raises(ValueError, match="'janus' model family.*rollout.engine: torch"):
+        _grpo(root, ckpt, tmp_path / "v", "grpo.max_steps=1", "rollout.engine=vllm")
+    assert not (tmp_path / "v" / "metrics.jsonl").exists()
