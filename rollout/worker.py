@@ -89,6 +89,12 @@ def _loads_checkpoint(engine_cls) -> bool:
     return len(params) > 1 and params[1] == "checkpoint"
 
 
+def engine_loads_checkpoint(engine: str) -> bool:
+    """Whether the registered engine ``engine`` reads a checkpoint directory itself (vLLM): a caller then hands the
+    worker the directory, not a model it built."""
+    return _loads_checkpoint(get_engine(engine))
+
+
 class RolloutWorker:
     """Holds an engine and a decoder.
 
@@ -97,12 +103,6 @@ class RolloutWorker:
         engine: name in the ENGINES registry ("torch", "vllm").
         device: where the engine runs.
         engine_kwargs: extra engine constructor arguments (e.g. ``max_batch_rows``).
-def engine_loads_checkpoint(engine: str) -> bool:
-    """Whether the registered engine ``engine`` reads a checkpoint directory itself (vLLM): a caller then hands the
-    worker the directory, not a model it built."""
-    return _loads_checkpoint(get_engine(engine))
-
-
         num_threads: torch intra-op threads (None: leave the process's setting alone; the Ray pool passes its
             ``num_cpus_per_worker``).
         dtype: weights dtype when loading a checkpoint (None keeps the checkpoint's).
