@@ -3,6 +3,7 @@ that has its own `models/`, `data/` and `recipes/` packages (a typical ML projec
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,20 @@ MAPPED = {"argrpo": "argrpo", "grpo": "argrpo/grpo", "rewards": "argrpo/rewards"
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """The wheel built from this checkout, installed (without dependencies) into a temporary target folder."""
+    """The wheel built from this checkout, installed (without dependencies) into a temporary target folder.
+
+    It is built from a copy of the files git knows (tracked, or untracked and not ignored): setuptools reuses the
+    checkout's build/ folder, which still holds modules since removed or renamed, and would pack them too.
+    """
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    src = tmp / "src"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
                     "-w", str(tmp / "dist")], check=True, cwd=tmp, capture_output=True)
     wheels = list((tmp / "dist").glob("argrpo-*.whl"))
     assert len(wheels) == 1, wheels
