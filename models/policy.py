@@ -304,11 +304,13 @@ def save_policy(
         extra: free-form JSON-serialisable metadata stored under ``"extra"`` in argrpo.json.
     Returns the checkpoint path.
     """
-    from argrpo.models.families import family_of_model_type
+    from argrpo.models.families import family_of_model_type, get_family
 
     path = Path(path).absolute()
     base = unwrap_model(model)
-    family = family_of_model_type(getattr(base.config, "model_type", None))(layout)
+    # a layout may name its family (the extended family's checkpoints are plain causal LMs of any model_type)
+    named = layout.extra.get("family")
+    family = (get_family(named) if named else family_of_model_type(getattr(base.config, "model_type", None)))(layout)
     family.check_vocab(model, f"save_policy({path})")
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         raise ValueError(f"save_policy({path}): a text tokenizer is required (it is saved beside the weights)")

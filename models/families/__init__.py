@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from argrpo.models.families.base import ModelFamily, unwrap_model
+from argrpo.models.families.emu3 import Emu3Family
+from argrpo.models.families.extended import ExtendedFamily
 from argrpo.models.families.janus import JanusFamily
 from argrpo.models.families.simplear import SharedVocabFamily
 
@@ -31,6 +33,8 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 register_family(SharedVocabFamily)
 register_family(JanusFamily)
+register_family(Emu3Family)
+register_family(ExtendedFamily)
 DEFAULT_FAMILY = SharedVocabFamily.name
 
 
@@ -82,5 +86,5 @@ def check_engine(family: ModelFamily, engine: str) -> None:
         )
 
 
-__all__ = ["FAMILIES", "JanusFamily", "ModelFamily", "SharedVocabFamily", "check_engine", "detect_family",
-           "family_for_layout", "get_family", "register_family", "unwrap_model"]
+__all__ = ["FAMILIES", "Emu3Family", "ExtendedFamily", "JanusFamily", "ModelFamily", "SharedVocabFamily",
+           "check_engine", "detect_family", "family_for_layout", "get_family", "register_family", "unwrap_model"]

@@ -87,6 +87,26 @@ class ModelFamily(ABC):
         families whose images are ``grid_h * grid_w`` sampled codes."""
         return {}
 
+    @property
+    def completion_length(self) -> int:
+        """Tokens of one image's completion: the ``grid_h * grid_w`` sampled codes plus the forced tokens."""
+        return self.layout.n_image_tokens + len(self.forced_tokens)
+
+    def sampled_mask(self) -> torch.Tensor:
+        """bool [completion_length]: True where the completion holds a sampled code, False at forced tokens."""
+        mask = torch.ones(self.completion_length, dtype=torch.bool)
+        mask[list(self.forced_tokens)] = False
+        return mask
+
+    def completion_codes(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """Completion ids [..., completion_length] -> codes [..., h, w] (forced tokens dropped)."""
+        ids = torch.as_tensor(completion_ids)
+        if self.forced_tokens:
+            if ids.shape[-1] != self.completion_length:
+                raise ValueError(f"expected {self.completion_length} completion tokens, got {ids.shape[-1]}")
+            ids = ids[..., self.sampled_mask()]
+        return self.layout.ids_to_codes(ids)
+
     # ---- pixels --------------------------------------------------------------------------------------------------
     def image_decoder(self, model) -> Any | None:
         """An ImageTokenizer-like decoder (``decode(codes [B, h, w]) -> uint8 [B, H, W, 3]``, ``codebook_size``,

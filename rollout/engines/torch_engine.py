@@ -168,10 +168,14 @@ class TorchEngine:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollout:
         """P prompts (token ids) -> Rollout of ``P * sampling.n`` rows in prompt order (images=None).
 
-        completion_ids: int64 [P*n, N] visual LM ids; logprobs: float32 [P*n, N] sampler logprobs.
+        completion_ids: int64 [P*n, T] LM ids; logprobs: float32 [P*n, T] sampler logprobs. ``T`` is the family's
+        ``completion_length``: the ``N`` sampled visual ids plus its forced tokens (placed, not sampled; logprob 0).
         Row ``r`` uses seed ``sampling.seed + r``.
         """
         if sampling.jacobi:
+            if self.family.forced_tokens:
+                raise NotImplementedError(f"Jacobi decoding does not place forced tokens ({self.family.name!r} "
+                                          f"family); set sampling.jacobi: false")
             from argrpo.rollout.engines.jacobi import jacobi_generate
 
             return jacobi_generate(self, prompt_ids, sampling)
@@ -190,7 +194,7 @@ class TorchEngine:
             )
             codes.append(c)
             logps.append(lp)
-        completion = torch.cat(codes).cpu() + self.layout.visual_offset
+        completion = torch.cat(codes).cpu()
         return Rollout(
             prompt_ids=[list(prompts[r // n]) for r in range(B)],
             completion_ids=completion,
@@ -291,12 +295,14 @@ class TorchEngine:
         return self.family.visual_logits(self.model, self._hidden(ids, mask, pos, cache, 1)[:, -1])
 
     def _sample_rows(self, prompts, row_prompt, uncond, sampling, uniforms):
-        """Sample the rows whose prompt indices are ``row_prompt`` [b] -> (codes [b, N], logprobs [b, N]).
+        """Sample the rows whose prompt indices are ``row_prompt`` [b] -> (LM ids [b, T], logprobs [b, T]).
 
-        uncond: the unconditional prompt of each prompt [P], or None without CFG.
+        uncond: the unconditional prompt of each prompt [P], or None without CFG. uniforms: [b, N], one per sampled
+        position. ``T = N`` plus the family's forced tokens, which are placed (logprob 0) and fed like samples.
         """
         config = self.decoder.config
-        dev, N = self.device, self.layout.n_image_tokens
+        dev, N = self.device, self.family.completion_length
+        forced = self.family.forced_tokens
         b = row_prompt.numel()
         distinct = torch.unique(row_prompt)
         seqs = [prompts[int(p)] for p in distinct]
@@ -334,18 +340,27 @@ class TorchEngine:
             )[:, None, None, :]
 
         codes = torch.empty(b, N, dtype=torch.long, device=dev)
-        logps = torch.empty(b, N, dtype=torch.float32, device=dev)
+        logps = torch.zeros(b, N, dtype=torch.float32, device=dev)
+        rows = len(select)
+        j = 0  # sampled positions so far (the uniforms' column)
         with _decode_attention(config):
             for t in range(N):
-                cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
-                c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, t])
-                codes[:, t], logps[:, t] = c, lp
+                if t in forced:
+                    codes[:, t] = forced[t]
+                    tok = codes.new_full((rows,), forced[t])
+                else:
+                    cond, unc = (logits[:b], logits[b:]) if uncond is not None else (logits, None)
+                    c, lp = sample_step(cond, unc, sampling, None if uniforms is None else uniforms[:, j])
+                    j += 1
+                    codes[:, t], logps[:, t] = c + self.layout.visual_offset, lp
+                    tok = codes[:, t]
+                    if uncond is not None:
+                        tok = torch.cat([tok, tok])  # the uncond branch continues with the same image tokens
                 if t == N - 1:
                     break
-                tok = c + self.layout.visual_offset
-                if uncond is not None:
-                    tok = torch.cat([tok, tok])  # the uncond branch continues with the same image tokens
-                logits = self._forward(
-                    tok[:, None], full_mask[..., : L + t + 1], (last_pos + t + 1)[:, None], cache
-                )
+                step = (tok[:, None], full_mask[..., : L + t + 1], (last_pos + t + 1)[:, None], cache)
+                if t + 1 in forced:  # the next token is placed: its logits are never read
+                    self._hidden(*step, 1)
+                else:
+                    logits = self._forward(*step)
         return codes, logps
