@@ -44,9 +44,9 @@ def measure(policy_dir: str, split: str, n_prompts: int, samples: int, seed: int
     from pathlib import Path
 
     from argrpo.data.shapes import ShapesWorld
-    from argrpo.data.shapes_detector import ShapesDetector
     from argrpo.grpo.evaluate import evaluate
     from argrpo.models.policy import load_policy
+    from argrpo.rewards.detectors.shapes import ShapesDetector
     from PIL import Image
 
     specs = [s for s in ShapesWorld().prompt_set(split, n_prompts, seed) if s["tag"] == "color_attr"]

@@ -60,9 +60,9 @@ def main(argv=None) -> dict:
 
     from argrpo.config import load_config
     from argrpo.data.shapes import TAGS, ShapesWorld, blur_and_noise, perturb_spec
-    from argrpo.data.shapes_detector import ShapesDetector
     from argrpo.models.runtime import set_threads
     from argrpo.recipes.commands.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from argrpo.rewards.detectors.shapes import ShapesDetector
     from argrpo.rewards.geneval import score_batch
 
     threads = set_threads(args.threads)

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-# GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged
+# GenEval's geometry, shared with the scorer so renders satisfy positions exactly as they are judged; the palette
+# and the shape rasters, shared with the exact detector so objects are drawn exactly as they are recognised
 from argrpo.rewards.detectors.base import Detection
+from argrpo.rewards.detectors.shapes import PALETTE, ShapesLook, shape_mask
 from argrpo.rewards.geneval import RELATIONS, TAGS, parse_spec, relative_position
 
 SPLITS = ("train", "heldout")
@@ -46,65 +48,7 @@ NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 COUNTS = tuple(NUMBER_WORDS)
 OBJECT_ORDERS = ("random", "named")
 
-# GenEval's ten colour names, as flat RGB values chosen far apart from each other and from the background
-# (closest pair: orange-yellow, 85 apart), so nearest-palette segmentation tolerates blur and noise.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (245, 140, 20),
-    "yellow": (245, 225, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 90, 225),
-    "purple": (140, 60, 190),
-    "pink": (245, 150, 200),
-    "brown": (130, 80, 30),
-    "black": (20, 20, 20),
-    "white": (245, 245, 245),
-}
-BACKGROUND = (128, 128, 128)
-
-# ---- shape rasteriser ----------------------------------------------------------------------------------------------
-def _grid_uv(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates normalised to [0, 1] across the box: u [1, w], v [h, 1]."""
-    u = (np.arange(w, dtype=np.float64) + 0.5) / w
-    v = (np.arange(h, dtype=np.float64) + 0.5) / h
-    return u[None, :], v[:, None]
-
-
-def _circle(w, h):
-    u, v = _grid_uv(w, h)
-    return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-
-
-def _square(w, h):
-    return np.ones((h, w), dtype=bool)
-
-
-def _triangle(w, h):
-    # Apex up; widened by half a pixel so the two apex pixels exist and the mask touches all four box sides
-    # at every size (the detector compares blobs with this raster drawn into the blob's own box).
-    u, v = _grid_uv(w, h)
-    return np.abs(u - 0.5) <= v / 2 + 0.5 / w
-
-
-def _diamond(w, h):
-    u, v = _grid_uv(w, h)
-    return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5 + 0.5 / max(w, h)
-
-
-def _cross(w, h):
-    u, v = _grid_uv(w, h)
-    return (np.abs(u - 0.5) <= 1 / 6 + 1e-9) | (np.abs(v - 0.5) <= 1 / 6 + 1e-9)
-
-
-SHAPE_MASKS = {"circle": _circle, "square": _square, "triangle": _triangle, "diamond": _diamond, "cross": _cross}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"}
-
-
-def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
-    """Ideal raster of ``shape`` filling a ``w`` x ``h`` box -> bool [h, w]."""
-    if shape not in SHAPE_MASKS:
-        raise KeyError(f"unknown shape {shape!r}; known: {sorted(SHAPE_MASKS)}")
-    return SHAPE_MASKS[shape](int(w), int(h if h is not None else w))
 
 
 def record_detections(record: dict) -> list[Detection]:
@@ -170,26 +114,17 @@ def spec_from_key(tag: str, key: tuple) -> dict:
 
 # ---- the world -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ShapesWorld:
-    """What exists in the shapes world and how it is drawn.
+class ShapesWorld(ShapesLook):
+    """What exists in the shapes world and how it is drawn: its look (classes, colours, sizes, background; what the
+    exact detector knows) plus the canvas and how objects are placed on it.
 
     Classes and colours set the prompt space; ``sizes`` must be whole multiples of ``cell`` (the image tokenizer's
     patch) so each patch holds one colour under one mask. Same settings + same seed => identical specs and images.
     """
 
-    shapes: tuple[str, ...] = field(
-        default=("circle", "square", "triangle"),
-        metadata={"help": f"object classes (at least 3), from {sorted(SHAPE_MASKS)}"},
-    )
-    colors: tuple[str, ...] = field(
-        default=("red", "orange", "yellow", "green", "blue", "purple"),
-        metadata={"help": f"object colours (at least 6), GenEval's names: {list(PALETTE)}"},
-    )
-    sizes: tuple[int, ...] = field(default=(16, 24), metadata={"help": "object box sides in pixels, multiples of cell"})
     image_size: int = field(default=64, metadata={"help": "square image side in pixels"})
     cell: int = field(default=8, metadata={"help": "placement grid step in pixels (= image tokenizer patch size)"})
     gap: int = field(default=1, metadata={"help": "empty cells kept between object boxes (so blobs never merge)"})
-    background: tuple[int, int, int] = field(default=BACKGROUND, metadata={"help": "background RGB"})
     object_order: str = field(
         default="random",
         metadata={"help": "where the objects of a prompt without a position clause go: 'random' (any free place) or "
@@ -198,27 +133,14 @@ class ShapesWorld:
     )
 
     def __post_init__(self):
-        for name in ("shapes", "colors", "sizes", "background"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        bad = [s for s in self.shapes if s not in SHAPE_MASKS]
-        if bad or len(set(self.shapes)) != len(self.shapes) or len(self.shapes) < 3:
-            raise ValueError(f"ShapesWorld.shapes: need >= 3 distinct shapes from {sorted(SHAPE_MASKS)}, "
-                             f"got {list(self.shapes)}")
-        bad = [c for c in self.colors if c not in PALETTE]
-        if bad or len(set(self.colors)) != len(self.colors) or len(self.colors) < max(6, len(self.shapes)):
-            raise ValueError(f"ShapesWorld.colors: need >= max(6, n_shapes) distinct colours from {list(PALETTE)}, "
-                             f"got {list(self.colors)}")
+        super().__post_init__()
         if self.image_size % self.cell:
             raise ValueError(f"ShapesWorld: image_size {self.image_size} is not a multiple of cell {self.cell}")
-        if not self.sizes or any(s <= 0 or s % self.cell or s > self.image_size for s in self.sizes):
+        if any(s % self.cell or s > self.image_size for s in self.sizes):
             raise ValueError(f"ShapesWorld.sizes: need positive multiples of cell {self.cell} that fit the image, "
                              f"got {list(self.sizes)}")
         if self.object_order not in OBJECT_ORDERS:
             raise ValueError(f"ShapesWorld.object_order: unknown {self.object_order!r}; known: {list(OBJECT_ORDERS)}")
-        if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
-            raise ValueError(f"ShapesWorld.background: expected an RGB triple, got {self.background}")
-        if tuple(self.background) in {PALETTE[c] for c in self.colors}:
-            raise ValueError("ShapesWorld.background must differ from every object colour")
         # The densest prompt (4 objects) must always fit, else rendering could fail at random.
         side = (max(self.sizes) // self.cell + self.gap) * 2 - self.gap
         if side > self.grid_cells:
@@ -229,10 +151,6 @@ class ShapesWorld:
     @property
     def grid_cells(self) -> int:
         return self.image_size // self.cell
-
-    @property
-    def palette(self) -> dict[str, tuple[int, int, int]]:
-        return {c: PALETTE[c] for c in self.colors}
 
     def vocabulary(self) -> list[str]:
         """Every word a prompt of this world can contain (for a word-level text tokenizer), in a fixed order."""

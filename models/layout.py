@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from argrpo import config
 from argrpo.registry import Registry
 
 SIMPLEAR_SPECIAL_TOKENS = ("<|t2i|>", "<|i2t|>", "<|soi|>", "<|vtokens|>", "<|t2v|>", "<|v2t|>", "<|sov|>")
@@ -124,19 +125,12 @@ class TokenLayout:
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        d["image_size"] = list(self.image_size)
-        d["special_tokens"] = list(self.special_tokens)
-        return d
+        return config.to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TokenLayout:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"TokenLayout: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**{**d, "grid": tuple(d["grid"]), "image_size": tuple(d["image_size"])})
+    def from_dict(cls, d: dict, source: str = "TokenLayout") -> TokenLayout:
+        """The inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is a ``ConfigError``."""
+        return config.from_dict(cls, d, source=source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

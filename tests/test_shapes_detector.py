@@ -10,16 +10,15 @@ import pytest
 import torch
 from argrpo.data.shapes import (
     PALETTE,
-    SHAPE_MASKS,
     TAGS,
     ShapesWorld,
     blur_and_noise,
     perturb_spec,
     shape_mask,
 )
-from argrpo.data.shapes_detector import ShapesDetector, connected_components
 from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.rewards.detectors.base import DETECTORS, Detection
+from argrpo.rewards.detectors.shapes import SHAPE_MASKS, ShapesDetector, ShapesLook, connected_components
 from argrpo.rewards.geneval import score_image
 from PIL import Image
 
@@ -70,8 +69,13 @@ def _paint(img, mask, x, y, color="red"):
 
 
 def test_registered():
-    assert DETECTORS["shapes"] is ShapesDetector
-    assert isinstance(DETECTORS["shapes"]().world, ShapesWorld)
+    assert DETECTORS.lookup("shapes") is ShapesDetector
+    # by default the detector expects the default world's look; a world is a look (the detector accepts either)
+    look, world = DETECTORS["shapes"]().world, ShapesWorld()
+    assert isinstance(look, ShapesLook) and isinstance(world, ShapesLook)
+    assert (look.shapes, look.colors, look.sizes, look.background) == (
+        world.shapes, world.colors, world.sizes, world.background)
+    assert look.palette == world.palette
 
 
 def test_renders_are_detected_exactly(rendered, clean_detections):

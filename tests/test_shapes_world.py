@@ -11,7 +11,6 @@ from argrpo.data.prompts import PromptFileError, read_prompts, write_prompts
 from argrpo.data.shapes import (
     PALETTE,
     RELATIONS,
-    SHAPE_MASKS,
     TAGS,
     ShapesWorld,
     blur_and_noise,
@@ -23,6 +22,7 @@ from argrpo.data.shapes import (
     vocabulary,
     write_prompt_sets,
 )
+from argrpo.rewards.detectors.shapes import SHAPE_MASKS
 from argrpo.rewards.geneval import relative_position, score_image
 
 WORLD = ShapesWorld()

@@ -25,7 +25,6 @@ class Detector(Protocol):
     def __call__(self, images, classes: list[list[str]]) -> list[list[Detection]]: ...
 
 
-# The shapes world's exact detector lives with the world it reads (data/ imports rewards/, never the reverse).
 DETECTORS: Registry[type] = Registry("detector", plugins=True, builtins={
-    "shapes": "argrpo.data.shapes_detector", "owlv2": "argrpo.rewards.detectors.owlv2"})
+    "shapes": "argrpo.rewards.detectors.shapes", "owlv2": "argrpo.rewards.detectors.owlv2"})
 register_detector = DETECTORS.register

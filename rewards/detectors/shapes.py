@@ -1,5 +1,9 @@
 """The exact detector of the shapes world: colour segmentation, connected components, shape check at blob size.
 
+The world's look lives here too (the palette, the shape rasters, :class:`ShapesLook`): the renderer in
+``data.shapes`` draws with the same rasters the detector compares against, and data/ imports rewards/, never the
+reverse.
+
 1. Segmentation: each pixel is read as a mix of the background and one of the world's colours; it takes that
    colour when the mix is at least half colour and lies within ``color_tolerance`` of the mixing line, so the soft
    edges of blurred or generated images are cut at their 50% level (blobs keep their drawn size) and never form
@@ -7,8 +11,8 @@
 2. Connected components (4-neighbour) of equal labels, for a whole batch at once in torch: minimum parent
    over horizontal and vertical runs, with pointer jumping.
 3. Each blob of plausible size and squareness is compared with every class's ideal raster drawn into the blob's own
-   box (``data.shapes.shape_mask``; also into the square frames around it, as blur fades apexes and corners
-   first); the best class wins and the IoU becomes the score, linearly from
+   box (:func:`shape_mask`, the renderer's own rasters; also into the square frames around it, as blur fades
+   apexes and corners first); the best class wins and the IoU becomes the score, linearly from
    ``iou_low`` (score 0) to ``iou_high`` (score 1). Classifying by fill ratio alone was measured to let an
    untrained model score 54% and random codes a perfect two_object: the check at the blob's own size is the point.
 
@@ -20,10 +24,112 @@ confusion between two classes at any plausible size (a 15 px square read as a ci
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
-from argrpo.data.shapes import ShapesWorld, shape_mask
 from argrpo.rewards.detectors.base import Detection, register_detector
+
+# GenEval's ten colour names, as flat RGB values chosen far apart from each other and from the background
+# (closest pair: orange-yellow, 85 apart), so nearest-palette segmentation tolerates blur and noise.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (245, 225, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 225),
+    "purple": (140, 60, 190),
+    "pink": (245, 150, 200),
+    "brown": (130, 80, 30),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+BACKGROUND = (128, 128, 128)
+
+# ---- shape rasteriser ----------------------------------------------------------------------------------------------
+def _grid_uv(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates normalised to [0, 1] across the box: u [1, w], v [h, 1]."""
+    u = (np.arange(w, dtype=np.float64) + 0.5) / w
+    v = (np.arange(h, dtype=np.float64) + 0.5) / h
+    return u[None, :], v[:, None]
+
+
+def _circle(w, h):
+    u, v = _grid_uv(w, h)
+    return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+
+
+def _square(w, h):
+    return np.ones((h, w), dtype=bool)
+
+
+def _triangle(w, h):
+    # Apex up; widened by half a pixel so the two apex pixels exist and the mask touches all four box sides
+    # at every size (the detector compares blobs with this raster drawn into the blob's own box).
+    u, v = _grid_uv(w, h)
+    return np.abs(u - 0.5) <= v / 2 + 0.5 / w
+
+
+def _diamond(w, h):
+    u, v = _grid_uv(w, h)
+    return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5 + 0.5 / max(w, h)
+
+
+def _cross(w, h):
+    u, v = _grid_uv(w, h)
+    return (np.abs(u - 0.5) <= 1 / 6 + 1e-9) | (np.abs(v - 0.5) <= 1 / 6 + 1e-9)
+
+
+SHAPE_MASKS = {"circle": _circle, "square": _square, "triangle": _triangle, "diamond": _diamond, "cross": _cross}
+
+
+def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
+    """Ideal raster of ``shape`` filling a ``w`` x ``h`` box -> bool [h, w]."""
+    if shape not in SHAPE_MASKS:
+        raise KeyError(f"unknown shape {shape!r}; known: {sorted(SHAPE_MASKS)}")
+    return SHAPE_MASKS[shape](int(w), int(h if h is not None else w))
+
+
+@dataclass(frozen=True)
+class ShapesLook:
+    """How the shapes world's objects look: classes, colours, box sizes and background (``data.shapes.ShapesWorld``
+    adds the canvas and placement). It is all the exact detector needs to know about the world."""
+
+    shapes: tuple[str, ...] = field(
+        default=("circle", "square", "triangle"),
+        metadata={"help": f"object classes (at least 3), from {sorted(SHAPE_MASKS)}"},
+    )
+    colors: tuple[str, ...] = field(
+        default=("red", "orange", "yellow", "green", "blue", "purple"),
+        metadata={"help": f"object colours (at least 6), GenEval's names: {list(PALETTE)}"},
+    )
+    sizes: tuple[int, ...] = field(default=(16, 24), metadata={"help": "object box sides in pixels (in a ShapesWorld: "
+                                                                      "multiples of its cell)"})
+    background: tuple[int, int, int] = field(default=BACKGROUND, metadata={"help": "background RGB"})
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for key in ("shapes", "colors", "sizes", "background"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        bad = [s for s in self.shapes if s not in SHAPE_MASKS]
+        if bad or len(set(self.shapes)) != len(self.shapes) or len(self.shapes) < 3:
+            raise ValueError(f"{name}.shapes: need >= 3 distinct shapes from {sorted(SHAPE_MASKS)}, "
+                             f"got {list(self.shapes)}")
+        bad = [c for c in self.colors if c not in PALETTE]
+        if bad or len(set(self.colors)) != len(self.colors) or len(self.colors) < max(6, len(self.shapes)):
+            raise ValueError(f"{name}.colors: need >= max(6, n_shapes) distinct colours from {list(PALETTE)}, "
+                             f"got {list(self.colors)}")
+        if not self.sizes or any(not isinstance(s, int) or s <= 0 for s in self.sizes):
+            raise ValueError(f"{name}.sizes: need positive whole pixel sizes, got {list(self.sizes)}")
+        if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
+            raise ValueError(f"{name}.background: expected an RGB triple, got {self.background}")
+        if tuple(self.background) in {PALETTE[c] for c in self.colors}:
+            raise ValueError(f"{name}.background must differ from every object colour")
+
+    @property
+    def palette(self) -> dict[str, tuple[int, int, int]]:
+        return {c: PALETTE[c] for c in self.colors}
+
 
 
 def _as_images(images) -> np.ndarray:
@@ -101,7 +207,8 @@ class ShapesDetector:
     """Detections of the shapes world's classes, each with its exact palette colour.
 
     Args:
-        world: the world whose colours, classes and sizes are expected (default: ``ShapesWorld()``).
+        world: the look of the world whose colours, classes and sizes are expected (a ``ShapesLook``, or the
+            ``data.shapes.ShapesWorld`` that extends it; default: ``ShapesLook()``, the default world's look).
         color_tolerance: max RGB distance of a pixel from the background-to-colour segment of its colour.
         iou_low / iou_high: IoU with the ideal shape mapped to score 0 / 1 (linear in between).
         size_tolerance: accepted box sides are [min(sizes) * (1 - tol), max(sizes) * (1 + tol)].
@@ -109,10 +216,10 @@ class ShapesDetector:
         min_score: blobs scoring at or below this are not reported.
     """
 
-    def __init__(self, world: ShapesWorld | None = None, color_tolerance: float = 48.0, iou_low: float = 0.85,
+    def __init__(self, world: ShapesLook | None = None, color_tolerance: float = 48.0, iou_low: float = 0.85,
                  iou_high: float = 0.95, size_tolerance: float = 0.25, min_aspect: float = 0.8,
                  min_score: float = 0.0):
-        self.world = world or ShapesWorld()
+        self.world = world or ShapesLook()
         if not 0 < iou_low < iou_high <= 1:
             raise ValueError(f"ShapesDetector: need 0 < iou_low < iou_high <= 1, got {iou_low}, {iou_high}")
         self.color_tolerance = float(color_tolerance)
