@@ -120,6 +120,24 @@ def test_group_size_below_two(world, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["unknown reward", "bad prompt row", "missing checkpoint"])
+def test_user_errors_through_the_cli_are_one_line(world, plugins, tmp_path, capsys, case):
+    """`argrpo grpo` prints a user error as one line and exits 2: no traceback, nothing written."""
+    out = tmp_path / "out"
+    if case == "unknown reward":
+        sets, expected = ["rewards=[{name: geneval_dens}]"], "argrpo grpo: unknown reward 'geneval_dens'; registered: ["
+    elif case == "bad prompt row":
+        bad = write_jsonl(tmp_path / "p.jsonl", [GOOD_ROW, {"tag": "single_object", "prompt": "a circle"}])
+        sets, expected = [f"data.train_prompts={bad}"], f"argrpo grpo: {bad}: row 2: missing key 'include'"
+    else:
+        missing = tmp_path / "sft-final"
+        sets, expected = [f"policy.checkpoint={missing}"], f"argrpo grpo: policy checkpoint not found: {missing}"
+    rc, err = run_cli(world, out, base_yaml(world, out), tmp_path, *sets, capsys=capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(expected), err
+    assert not out.exists()
+
+
 # ---- prompts ------------------------------------------------------------------------------------------------------
 def test_missing_prompt_file(world, plugins, tmp_path):
     missing = tmp_path / "prompts" / "train.jsonl"
