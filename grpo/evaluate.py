@@ -317,7 +317,7 @@ def evaluate(policy, image_tokenizer, prompts, cfg: EvalSettings | dict | None =
             roll = engine.generate(ids, cfg.sampling.with_(seed=base_seed + start * n))
             t1 = time.perf_counter()
             with torch.inference_mode():
-                images = image_tokenizer.decode(layout.ids_to_codes(roll.completion_ids))
+                images = image_tokenizer.decode(family.completion_codes(roll.completion_ids))
             images = np.asarray(images.cpu().numpy() if torch.is_tensor(images) else images, dtype=np.uint8)
             t2 = time.perf_counter()
             metadata = [s for s in chunk for _ in range(n)]

@@ -133,7 +133,9 @@ def install_visual_head(model, layout, temperature: float, chunk_elements: int =
     ``model`` is the Hugging Face model (for a peft model, its ``get_base_model()``), usually after TRL added its
     own fused head; ``layout`` its ``ModelFamily`` (a bare ``TokenLayout``: the shared-vocabulary family). Calls
     without ``fused_lm_head=True`` (generation, plain forward) go to the previous forward untouched. A scored label
-    outside the visual slice is an error: the sampler can never produce one.
+    outside the visual slice is an error: the sampler can never produce one. The family's forced tokens (Emu3's
+    row ends) are not scored: log-prob and entropy 0 there, so no gradient reaches their logits (the trainer also
+    leaves them out of TRL's loss mask).
     """
     if getattr(model, "_argrpo_visual_head", None) is not None:
         raise ValueError(f"{type(model).__name__} already has a visual head installed")
@@ -144,6 +146,10 @@ def install_visual_head(model, layout, temperature: float, chunk_elements: int =
     offset, end = layout.visual_offset, layout.visual_end
     temp = float(temperature)
     decoder = family.decoder(model)
+    forced = sorted(set(family.forced_tokens.values()))
+    if any(offset <= t < end for t in forced):
+        raise ValueError(f"{family!r}: a forced token lies inside the visual ids [{offset}, {end})")
+    forced_ids = torch.tensor(forced, dtype=torch.long)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
@@ -164,6 +170,8 @@ def install_visual_head(model, layout, temperature: float, chunk_elements: int =
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         shift_labels = shift_labels.to(hidden.device)
         mask = shift_labels != -100
+        if forced:
+            mask &= ~torch.isin(shift_labels, forced_ids.to(shift_labels.device))
         ids = shift_labels[mask]
         if ids.numel() and (int(ids.min()) < offset or int(ids.max()) >= end):
             raise ValueError(

@@ -5,7 +5,8 @@ repeated ``num_generations`` times in a row; it wants one completion per entry. 
 the pool once with ``G = num_generations`` (the pool samples a whole group per prompt) and return:
 
     prompt_ids [B] lists, completion_ids [B, N] lists (visual LM ids), logprobs [B, N] (the sampler's, used by the
-    importance-sampling correction), images [B] uint8 [H, W, 3] (merged by TRL into the reward functions' kwargs)
+    importance-sampling correction), images [B] uint8 [H, W, 3] (merged by TRL into the reward functions' kwargs),
+    and for a family with forced tokens env_mask [B, N] (0 at forced tokens: TRL's loss mask leaves them out)
 
 Several learner processes (``torch.distributed.run``): TRL cuts each generation's P*G repeated prompts into one
 contiguous slice per process, so a group can span two processes (TRL gathers every process's rewards before it
@@ -145,12 +146,17 @@ class RolloutSource:
         s.add_time("decode", rollout.timings.get("decode", 0.0))
         s.set("rollout/staleness", version - rollout.weight_version)
         s.set("rollout/weight_version", rollout.weight_version)
-        return {
+        out = {
             "prompt_ids": [list(p) for p in rollout.prompt_ids],
             "completion_ids": rollout.completion_ids.tolist(),
             "logprobs": rollout.logprobs.float().tolist(),
             "images": list(rollout.images),
         }
+        family = getattr(trainer, "family", None)
+        if family is not None and family.forced_tokens:
+            # TRL's env_mask: forced tokens (Emu3's row ends) stay in the attention but get no loss, KL or ratio
+            out["env_mask"] = [family.sampled_mask().int().tolist()] * len(flat)
+        return out
 
     def _slice(self, k: int, offset: int, length: int) -> list[str] | None:
         """Generation ``k``'s repeated prompts, rows ``offset .. offset+length`` (None past the stream's end)."""

@@ -171,8 +171,8 @@ class RolloutWorker:
         return out
 
     def decode(self, completion_ids: torch.Tensor) -> np.ndarray:
-        """Visual LM ids int64 [B, N] -> uint8 [B, H, W, 3]."""
-        codes = self.layout.ids_to_codes(completion_ids)
+        """Completion ids int64 [B, T] (visual ids and any forced tokens) -> uint8 [B, H, W, 3]."""
+        codes = self.family.completion_codes(completion_ids)
         with torch.inference_mode():
             images = self.image_tokenizer.decode(codes)
         images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
