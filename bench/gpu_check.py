@@ -353,7 +353,10 @@ def rollout_section(case: Case, device, deadline: float, save) -> dict:
     res["config"]["dtype"] = str(r.dtype).replace("torch.", "")
     save(res)
 
-    peaks = [matmul_peak(device, r.dtype, case.peak_n)]
+    # a CPU does the full-size square in tens of seconds: 1,024 is as square and as fast per FLOP there
+    peak_n = case.peak_n if device.type == "cuda" else min(case.peak_n, 1024)
+    res["config"]["peak_n"] = peak_n
+    peaks = [matmul_peak(device, r.dtype, peak_n)]
     res["config"]["max_batch"], res["batch_search"] = largest_batch(r, case.max_batch)
     batches = sorted({1, res["config"]["max_batch"]})
     plan = [(s, b, e) for b in batches for s in case.cfg_scales for e in ("torch", "hf")]
@@ -378,11 +381,11 @@ def rollout_section(case: Case, device, deadline: float, save) -> dict:
             row["flops_per_s"] = row["flops"] / row["seconds"]
         res["runs"].append(row)
         print(f"  {row['engine']:11s} cfg {s:g} batch {b:3d}: " + (
-            f"{row['tokens_timed']} tokens in {row['seconds']:.2f}s -> {row['s_per_image']:.3f} s/image"
-            f"{' (est.)' if row['extrapolated'] else ''}, {row['images_per_s']:.3f} images/s"
+            f"{row['tokens_timed']} tokens in {row['seconds']:.2f}s -> {row['s_per_image']:.4g} s/image"
+            f"{' (est.)' if row['extrapolated'] else ''}, {row['images_per_s']:.4g} images/s"
             if "seconds" in row else row.get("note", "")), flush=True)
         save(res)
-    peaks.append(matmul_peak(device, r.dtype, case.peak_n))
+    peaks.append(matmul_peak(device, r.dtype, peak_n))
     res["matmul_peak_flops_per_s"] = max(peaks)
     for row in res["runs"]:
         base = next((x for x in res["runs"] if x["engine"] == "hf_generate" and x["cfg"] == row["cfg"]
@@ -398,23 +401,30 @@ def rollout_section(case: Case, device, deadline: float, save) -> dict:
 
 
 def _measure(r: Rollouts, engine: str, cfg: float, batch: int, budget_s: float) -> dict:
-    """Probe, then one timed call sized to ``budget_s``; seconds scaled to the full image when a prefix was timed."""
+    """Probe, then one timed call sized to ``budget_s``; seconds scaled to the full image when a prefix was timed.
+
+    With no time left for a second call, the probe itself is the timed call (``probe_only``: it includes the
+    first-call effects a warm-up would have absorbed).
+    """
     prompts, g = r.split(batch)
     probe = min(r.case.probe_tokens, r.N)
-    t_probe, _ = _timed(lambda: r.run(engine, probe, prompts, g, cfg), r.device)
+    t_probe, ids = _timed(lambda: r.run(engine, probe, prompts, g, cfg), r.device)
     # a step late in a long image costs more than one in the probe: attention reads a longer context, and the
     # baseline's cache also grows by concatenation (a copy of the whole cache per step)
     per_token = LATE_STEP_FACTOR[engine] * t_probe / probe
-    n = r.N
-    if per_token * r.N > budget_s:
-        n = min(r.N, max(probe, int(budget_s / per_token) // probe * probe))
-    seconds, ids = _timed(lambda: r.run(engine, n, prompts, g, cfg), r.device)
+    left = budget_s - t_probe
+    probe_only = left < per_token * probe
+    if probe_only:
+        n, seconds = probe, t_probe
+    else:
+        n = r.N if per_token * r.N <= left else min(r.N, int(left / per_token) // probe * probe)
+        seconds, ids = _timed(lambda: r.run(engine, n, prompts, g, cfg), r.device)
     lay = r.layout
     if tuple(ids.shape) != (batch, n) or not bool(((ids >= lay.visual_offset) & (ids < lay.visual_end)).all()):
         raise RuntimeError(f"{engine} returned {tuple(ids.shape)} ids or non-visual ids (expected ({batch}, {n}))")
     full = seconds * r.N / n
     return {"tokens_timed": n, "seconds": seconds, "probe_s": t_probe, "extrapolated": n < r.N,
-            "s_per_image": full / batch, "images_per_s": batch / full}
+            "probe_only": probe_only, "s_per_image": full / batch, "images_per_s": batch / full}
 
 
 # ---- learner ----------------------------------------------------------------------------------------------------
@@ -640,6 +650,8 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
                                ("of matmul peak", "fraction_of_peak", "{:.2%}"), ("note", "note", "{}")])
             if r.get("extrapolated"):
                 row["s/image"] = f"{row['s/image']} (est.)"
+            if r.get("probe_only"):
+                row["note"] = "budget spent: the probe call was timed"
             if r.get("flops_per_s") is not None:
                 row["TFLOP/s"] = f"{r['flops_per_s'] / 1e12:.3g}"
             rows.append(row)
@@ -657,7 +669,7 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
             lines.append(f"- bf16 greedy agreement (informational): {json.dumps(checks['greedy_bf16'])}")
         if ro.get("matmul_peak_flops_per_s"):
             lines.append(f"- matmul peak: {ro['matmul_peak_flops_per_s'] / 1e12:.4g} TFLOP/s "
-                         f"({c.get('dtype')} [{results['config']['peak_n']}]^2 torch.matmul, best of before/after)")
+                         f"({c.get('dtype')} [{c.get('peak_n')}]^2 torch.matmul, best of before/after)")
         lines += ["- s/image (est.): a prefix was timed and scaled linearly to the full image (time budget)",
                   "- hf_generate: SimpleAR-style HF generate, CFG as a second pass with its own KV cache, "
                   "full-vocabulary logits restricted to visual ids per row (bench/rollout.py)", ""]
@@ -709,6 +721,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--sections", default="rollout,learner", help="comma list of rollout, learner")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="largest rollout batch tried (default 64; 8 with --tiny)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient of the learner step (recipe: 0.04)")
     ap.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"),
                     help="folder of carried wheels, unpacked when trl is not importable (default .gpu-wheels)")
@@ -738,6 +752,10 @@ def main(argv=None) -> int:
 
     case_name = "tiny" if args.tiny else "simplear-0.5b"
     case = CASES[case_name]
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            ap.error("--max-batch must be >= 1")
+        case = dataclasses.replace(case, max_batch=args.max_batch)
     deadline = t0 + args.budget_s
     out_dir = Path(args.out)
     results = {"case": case_name, "config": {**dataclasses.asdict(case), "device": device.type, "beta": args.beta,
@@ -748,8 +766,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         results["environment"]["cuda"] = torch.version.cuda
     if not args.tiny:
-        results["notes"].append("Janus-Pro-1B case (576 tokens, CFG 5): not included yet (models.families' Janus "
-                                "family against transformers' own Janus generate is a separate check)")
+        results["notes"].append("not included: a Janus-Pro-1B-shaped case (576 tokens, CFG 5; the torch engine "
+                                "with models.families' Janus family against transformers' own Janus image generate)")
 
     def save(section: str):
         def _save(part: dict):

@@ -38,7 +38,7 @@ def test_cpu_mode_runs_from_the_source_tree_without_ray_vllm_or_open_clip(tmp_pa
     runs = {(r["engine"], r["cfg"], r["batch"]): r for r in ro["runs"]}
     assert set(runs) == {(e, c, b) for e in ("torch", "hf_generate") for c in (1.0, 3.0) for b in (1, 8)}
     for (engine, _, batch), r in runs.items():
-        assert r["tokens_timed"] == 32 and not r["extrapolated"]  # tiny images fit the budget whole
+        assert r["tokens_timed"] == 32 and not r["extrapolated"] and not r["probe_only"]  # tiny images fit whole
         assert math.isclose(r["images_per_s"] * r["s_per_image"], 1.0)
         assert math.isclose(r["s_per_image"] * batch, r["seconds"])
         if engine == "torch":
@@ -83,7 +83,7 @@ def test_without_trl_the_learner_is_skipped_by_name_and_an_exhausted_budget_time
     runs = res["rollout"]["runs"]
     assert res["rollout"]["checks"]["greedy_equal"] is True and len(runs) == 8
     for r in runs:
-        assert r["extrapolated"] and r["tokens_timed"] == 8
+        assert r["extrapolated"] and r["probe_only"] and r["tokens_timed"] == 8
         assert math.isclose(r["s_per_image"], r["seconds"] * 32 / 8 / r["batch"])
     md = (tmp_path / "gpu_check.md").read_text()
     assert skipped in md
