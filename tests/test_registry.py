@@ -79,6 +79,7 @@ def test_plugin_paths_only_where_allowed(tmp_path, monkeypatch):
 
 def test_the_package_registries_share_the_rules():
     """Each registry of the packages is a Registry and finds its built-ins by name without a prior import."""
+    from argrpo.models.families import FAMILIES
     from argrpo.models.image_tokenizers import IMAGE_TOKENIZERS
     from argrpo.models.layout import LAYOUT_PRESETS
     from argrpo.models.policy import SIZE_PRESETS
@@ -87,7 +88,7 @@ def test_the_package_registries_share_the_rules():
     from argrpo.rewards.detectors.base import DETECTORS
     from argrpo.rollout.engines.base import ENGINES
 
-    for reg in (REWARDS, DETECTORS, ENGINES, IMAGE_TOKENIZERS, LAYOUT_PRESETS, SIZE_PRESETS, COMMANDS):
+    for reg in (REWARDS, DETECTORS, ENGINES, IMAGE_TOKENIZERS, LAYOUT_PRESETS, SIZE_PRESETS, FAMILIES, COMMANDS):
         assert isinstance(reg, Registry)
     assert DETECTORS.lookup("shapes").__name__ == "ShapesDetector"
     assert ENGINES.lookup("torch").__name__ == "TorchEngine"

@@ -15,20 +15,19 @@ from argrpo.models.families.emu3 import Emu3Family
 from argrpo.models.families.extended import ExtendedFamily
 from argrpo.models.families.janus import JanusFamily
 from argrpo.models.families.simplear import SharedVocabFamily
+from argrpo.registry import Registry
 
-FAMILIES: dict[str, type[ModelFamily]] = {}
+FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
     """Register a family class under ``cls.name``; a second class of the same name or model_type is an error."""
-    if cls.name in FAMILIES:
-        raise ValueError(f"model family {cls.name!r} is already registered")
-    taken = {t: f.name for f in FAMILIES.values() for t in f.model_types}
+    # a family of the same name is refused by FAMILIES.add, as a duplicate name
+    taken = {t: f.name for f in FAMILIES.values() for t in f.model_types if f.name != cls.name}
     clash = [t for t in cls.model_types if t in taken]
     if clash:
         raise ValueError(f"model family {cls.name!r}: model_type {clash[0]!r} already belongs to {taken[clash[0]]!r}")
-    FAMILIES[cls.name] = cls
-    return cls
+    return FAMILIES.add(cls.name, cls)
 
 
 register_family(SharedVocabFamily)
@@ -39,9 +38,8 @@ DEFAULT_FAMILY = SharedVocabFamily.name
 
 
 def get_family(name: str) -> type[ModelFamily]:
-    if name not in FAMILIES:
-        raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    """The family class registered as ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
+    return FAMILIES.lookup(name)
 
 
 def family_of_model_type(model_type: str | None) -> type[ModelFamily]:
