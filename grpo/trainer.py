@@ -343,7 +343,8 @@ def _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weigh
 
     out.mkdir(parents=True, exist_ok=True)
     pool = build_rollout_pool(worker_policy(str(loaded.path), cfg.rollout.engine, layout=cfg.policy.layout,
-                                            lora=cfg.policy.lora if fresh_lora else None, dtype=cfg.policy.dtype),
+                                            lora=cfg.policy.lora if fresh_lora else None, dtype=cfg.policy.dtype,
+                                            layout_kwargs=cfg.policy.layout_options),
                               cfg.rollout, pending_timeout_s=cfg.ray_pending_timeout_s)
     pools.append(pool)
     sync = WeightSync(pool)

@@ -107,7 +107,8 @@ class WorkerPolicy:
     checkpoint: the run's starting policy (its weights are replaced by the first push); layout: as for
     ``load_policy`` (e.g. "simplear" for a released checkpoint without argrpo.json); lora: the learner's
     ``LoraSettings`` when it trains a fresh adapter (the worker wraps its copy the same way, so adapter tensors
-    load by name), else None; dtype: weights dtype.
+    load by name), else None; dtype: weights dtype; layout_kwargs: the run's ``policy.layout_options`` (how a
+    checkpoint without argrpo.json lays out its image: Emu3's grid, the extended family's visual ids).
     """
 
     checkpoint: str
@@ -115,12 +116,14 @@ class WorkerPolicy:
     lora: object | None = None
     dtype: str | None = None
     device: str = "cpu"
+    layout_kwargs: dict | None = None
 
     def __call__(self):
         from argrpo.models.policy import load_policy
         from argrpo.rollout.worker import PolicyComponents
 
-        loaded = load_policy(self.checkpoint, layout=self.layout, device=self.device, dtype=self.dtype)
+        loaded = load_policy(self.checkpoint, layout=self.layout, device=self.device, dtype=self.dtype,
+                             layout_kwargs=self.layout_kwargs)
         model = loaded.family.rollout_model(loaded.model)
         if self.lora is not None:
             from argrpo.models.policy import apply_lora
@@ -131,7 +134,8 @@ class WorkerPolicy:
         return PolicyComponents(model, loaded.layout, loaded.tokenizer, loaded.image_decoder(), family=loaded.family)
 
 
-def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=None, dtype: str | None = None):
+def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=None, dtype: str | None = None,
+                  layout_kwargs: dict | None = None):
     """The ``policy`` argument of the rollout pool: engines that read a checkpoint directory themselves (vLLM)
     get its path; the others a :class:`WorkerPolicy`."""
     from argrpo.rollout.engines import get_engine
@@ -139,4 +143,4 @@ def worker_policy(checkpoint: str, engine: str, layout: str | None = None, lora=
 
     if _loads_checkpoint(get_engine(engine)):
         return str(checkpoint)
-    return WorkerPolicy(str(checkpoint), layout=layout, lora=lora, dtype=dtype)
+    return WorkerPolicy(str(checkpoint), layout=layout, lora=lora, dtype=dtype, layout_kwargs=layout_kwargs or None)

@@ -454,13 +454,15 @@ def load_policy(
     The family comes from the checkpoint (argrpo.json ``family``, else config.json ``model_type``); ``layout`` is
     only checked against it. See ``_load_shared_vocab`` for the shared-vocabulary family's arguments.
     """
-    from argrpo.models.families import detect_family
+    from argrpo.models.families import FAMILIES, detect_family
 
     path = Path(path).absolute()
     if not path.is_dir():
         raise MissingFileError(f"policy checkpoint not found: {path}")
     meta = read_policy_meta(path) if (path / ARGRPO_FILE).is_file() else None
     family = detect_family(path, meta)
+    if meta is None and isinstance(layout, str) and not getattr(FAMILIES.get(layout), "model_types", True):
+        family = FAMILIES[layout]  # a family only a config names (extended): layout_kwargs describe the checkpoint
     return family.load(path, meta, expected=layout, device=device, dtype=dtype, trainable=trainable,
                        layout_kwargs=layout_kwargs)
 
@@ -602,11 +604,14 @@ class PolicyConfig:
 
     checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint directory to load; None builds a "
                                                                     "new model from arch/size."})
-    layout: str | None = field(default=None, metadata={"help": "Expected layout preset ('shapes', 'simplear'); "
-                                                                "None accepts the checkpoint's own."})
-    layout_options: dict = field(default_factory=dict, metadata={"help": "Options of the 'simplear' layout "
-                                                                          "preset, e.g. {grid: [32, 32], "
-                                                                          "image_size: [512, 512]}."})
+    layout: str | None = field(default=None, metadata={"help": "Expected layout preset ('shapes', 'simplear'), or "
+                                                                "'extended' for a causal LM without argrpo.json "
+                                                                "described by layout_options; None accepts the "
+                                                                "checkpoint's own."})
+    layout_options: dict = field(default_factory=dict, metadata={"help": "Options of the layout: 'simplear' "
+                                                                          "{grid: [32, 32], image_size: [512, 512]}; "
+                                                                          "emu3 {grid} or {image_size}; extended "
+                                                                          "(models.families.extended)."})
     arch: Literal["qwen2", "llama"] = field(default="qwen2", metadata={"help": "Architecture of a new model."})
     size: str = field(default="shapes", metadata={"help": f"Size preset of a new model: {sorted(SIZE_PRESETS)}."})
     tie_word_embeddings: bool | None = field(default=None, metadata={"help": "Tie lm_head to the input "

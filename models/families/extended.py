@@ -22,6 +22,7 @@ directory argrpo.json records (the built-in VQ or Cosmos) or ``spec.image_decode
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,9 +46,12 @@ class ExtendedSpec:
         row_end: token forced after every row of ``grid_w`` codes (None: none).
         image_end: tokens forced after the last row, in order (Emu3: end-of-frame, end-of-image, EOS).
         bos: prepend the tokenizer's BOS token to every prompt.
-        image_decoder: a decoder by import path (``package.module:factory``, called with the layout) or a
-            TorchScript file (``codes int [B, h, w] -> float [B, 3, H, W]`` in [-1, 1]); None: the image tokenizer
-            directory recorded in argrpo.json.
+        image_decoder: a decoder by import path: ``package.module:factory`` (called with the layout), a Hugging
+            Face module class (``transformers:Emu3VQVAE``, loaded from ``image_decoder_weights`` with
+            ``from_pretrained`` and called as ``decode(codes [B, h, w]) -> float [B, 3, H, W]`` in [-1, 1]), or a
+            TorchScript file (``codes -> float [B, 3, H, W]`` in [-1, 1]); None: the image tokenizer directory
+            recorded in argrpo.json.
+        image_decoder_weights: the Hugging Face module's directory.
     """
 
     visual_start: int | None = field(default=None, metadata={"help": "LM id of code 0 (contiguous codes)."})
@@ -57,8 +61,10 @@ class ExtendedSpec:
     image_end: tuple[str, ...] = field(default=(), metadata={"help": "Tokens forced after the last row."})
     bos: bool = field(default=False, metadata={"help": "Prepend the tokenizer's BOS token to prompts."})
     image_decoder: str | None = field(default=None, metadata={
-        "help": "Decoder by import path 'package.module:factory' or a TorchScript file; None: the checkpoint's "
-                "image tokenizer directory."})
+        "help": "Decoder by import path 'package.module:factory', an HF module class 'package:Class' (with "
+                "image_decoder_weights) or a TorchScript file; None: the checkpoint's image tokenizer directory."})
+    image_decoder_weights: str | None = field(default=None, metadata={
+        "help": "Directory of an HF module image_decoder (from_pretrained)."})
 
     def __post_init__(self):
         self.image_end = tuple(self.image_end)
@@ -114,6 +120,7 @@ class ExtendedFamily(ModelFamily):
 
     def __init__(self, layout: TokenLayout):
         super().__init__(layout)
+        self.spec = ExtendedSpec.from_dict(layout.extra[SPEC_KEY])
         ids = layout.extra.get(RESOLVED_KEY)
         if ids is None:
             raise ValueError(f"layout {layout.name!r}: the extended family needs its token ids resolved "
@@ -229,22 +236,103 @@ class ExtendedFamily(ModelFamily):
 
     # ---- pixels ------------------------------------------------------------------------------------------------
     def image_decoder(self, model):
-        if self.spec is None or not self.spec.image_decoder:
+        if not self.spec.image_decoder:
             return None
-        return load_user_decoder(self.spec.image_decoder, self.layout)
+        return load_user_decoder(self.spec.image_decoder, self.layout, self.spec.image_decoder_weights)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
-        from argrpo.models.policy import _load_shared_vocab
+    def layout_from_options(cls, tokenizer, vocab_size: int, options: dict) -> TokenLayout:
+        """A layout from ``policy.layout_options`` (a checkpoint without argrpo.json): the :class:`ExtendedSpec`
+        keys plus ``codebook_size``, ``grid``, ``image_size``, ``prompt_template``, ``uncond_caption`` and ``name``."""
+        opts = dict(options)
+        spec_keys = set(ExtendedSpec.__dataclass_fields__)
+        spec = ExtendedSpec.from_dict({k: opts.pop(k) for k in list(opts) if k in spec_keys})
+        missing = [k for k in ("codebook_size", "grid", "image_size") if k not in opts]
+        if missing:
+            raise ValueError(f"extended family: policy.layout_options needs {missing}")
+        known = {"codebook_size", "grid", "image_size", "prompt_template", "uncond_caption", "name"}
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"extended family: unknown layout options {sorted(unknown)}; valid: "
+                             f"{sorted(known | spec_keys)}")
+        return cls.make_layout(opts.pop("name", cls.name), tokenizer, vocab_size, spec, **opts)
 
-        if meta is None or SPEC_KEY not in TokenLayout.from_dict(meta["layout"]).extra:
-            raise ValueError(f"{path}: an extended-family checkpoint needs argrpo.json with layout.extra.extended")
-        loaded = _load_shared_vocab(path, meta, expected, device, dtype, trainable, layout_kwargs)
-        vocab = unwrap_model(loaded.model).get_output_embeddings().weight.shape[0]
-        loaded.family = cls.resolve(loaded.layout, loaded.tokenizer, vocab)
-        loaded.layout = loaded.family.layout
-        return loaded
+    @classmethod
+    def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
+        """A causal-LM directory (full or LoRA) with argrpo.json, or as shipped with ``layout_kwargs`` (the run
+        config's ``policy.layout_options``; ``image_tokenizer``: the image tokenizer directory)."""
+        from argrpo.models.policy import LoadedPolicy, _naming, _resolve_dtype
+        from argrpo.models.text_tokenizer import load_text_tokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path).absolute()
+        opts = dict(layout_kwargs or {})
+        image_tokenizer = opts.pop("image_tokenizer", None)
+        is_adapter = (path / "adapter_config.json").is_file()
+        base_path = path
+        if is_adapter:
+            ref = (meta or {}).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+            base_path = Path(ref) if ref and Path(ref).is_absolute() else (path / (ref or "")).resolve()
+            if not (base_path / "config.json").is_file():
+                raise FileNotFoundError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
+        tokenizer = load_text_tokenizer(path)
+        config = AutoConfig.from_pretrained(str(base_path), local_files_only=True)
+        vocab = int(config.get_text_config().vocab_size)
+        if meta is not None:
+            layout = TokenLayout.from_dict(meta["layout"])
+            if SPEC_KEY not in layout.extra:
+                raise ValueError(f"{path}: argrpo.json's layout has no extra.{SPEC_KEY} (not an extended checkpoint)")
+            ref = meta.get("image_tokenizer")
+            if ref and not image_tokenizer:
+                image_tokenizer = ref if Path(ref).is_absolute() else str(path / ref)
+        elif opts:
+            layout = cls.layout_from_options(tokenizer, vocab, opts)
+        else:
+            raise ValueError(f"{path}: no argrpo.json; the extended family needs policy.layout_options (visual ids, "
+                             f"grid, template, ...)")
+        family = cls.resolve(layout, tokenizer, vocab)
+        if isinstance(expected, TokenLayout):
+            expected.check_compatible(family.layout, what=f"checkpoint {path}")
+        kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
+        with _naming(base_path):
+            model = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, **kwargs)
+        if is_adapter:
+            from peft import PeftModel
+
+            with _naming(path):
+                model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable and "lora_" in name)
+        family.check_vocab(model, f"checkpoint {path}")
+        model.to(device)
+        if not trainable:
+            model.eval()
+        if image_tokenizer and not Path(image_tokenizer).is_dir():
+            raise FileNotFoundError(f"{path}: image tokenizer {image_tokenizer} not found")
+        return LoadedPolicy(model=model, tokenizer=tokenizer, layout=family.layout,
+                            image_tokenizer_path=Path(image_tokenizer).absolute() if image_tokenizer else None,
+                            path=path, family=family)
+
+
+def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+class ModuleDecoder:
+    """A Hugging Face module with ``decode(codes [B, h, w]) -> float [B, 3, H, W]`` in [-1, 1] (a VQ-VAE) as an
+    image decoder: codes -> uint8 [B, H, W, 3]."""
+
+    def __init__(self, module, layout: TokenLayout, path=None):
+        self.module = module.eval()
+        self.codebook_size, self.grid, self.path = layout.codebook_size, layout.grid, path
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        dev = next(self.module.parameters()).device
+        return _to_uint8(self.module.decode(torch.as_tensor(codes).long().to(dev)))
 
 
 class TorchScriptDecoder:
@@ -258,16 +346,24 @@ class TorchScriptDecoder:
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
-        pixels = self.module(torch.as_tensor(codes).long())
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return _to_uint8(self.module(torch.as_tensor(codes).long()))
 
 
-def load_user_decoder(ref: str, layout: TokenLayout):
-    """``package.module:factory`` (called with the layout) or a TorchScript file -> an image decoder."""
+def load_user_decoder(ref: str, layout: TokenLayout, weights: str | None = None):
+    """``package.module:factory`` (called with the layout), an HF module class (loaded from ``weights``) or a
+    TorchScript file -> an image decoder."""
     from argrpo.registry import import_object
 
     if ":" in ref and not Path(ref).exists():
-        return import_object(ref, what="image decoder")(layout)
+        obj = import_object(ref, what="image decoder")
+        from transformers import PreTrainedModel
+
+        if isinstance(obj, type) and issubclass(obj, PreTrainedModel):
+            if not weights:
+                raise ValueError(f"image decoder {ref!r} is a Hugging Face module: name its directory in "
+                                 f"image_decoder_weights")
+            return ModuleDecoder(obj.from_pretrained(str(weights), local_files_only=True), layout, weights)
+        return obj(layout)
     if not Path(ref).is_file():
         raise FileNotFoundError(f"image decoder {ref!r}: neither an import path 'package.module:factory' nor a file")
     return TorchScriptDecoder(ref, layout)
