@@ -281,7 +281,7 @@ def test_torch_engine_dispatches_on_sampling_jacobi():
     assert torch.equal(s.completion_ids, jacobi_generate(engine, PROMPTS, sp.with_(temperature=1.0, seed=4)).completion_ids)
 
 
-def test_sample_command_jacobi(tmp_path, monkeypatch):
+def test_sample_command_jacobi(tmp_path, monkeypatch, capsys):
     import json
 
     import argrpo.rollout.engines.jacobi as jacobi_module
@@ -314,8 +314,9 @@ def test_sample_command_jacobi(tmp_path, monkeypatch):
             f = f"{i:05d}/samples/{k:05d}.png"
             assert (tmp_path / "sjd" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
     assert json.loads((tmp_path / "sjd" / "00001" / "metadata.jsonl").read_text()) == {"prompt": "a blue circle"}
-    with pytest.raises(SystemExit, match="--jacobi needs --engine torch"):
-        main(base + ["--out", str(tmp_path / "x"), "--jacobi", "--engine", "vllm"])
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "x"), "--jacobi", "--engine", "vllm"]) == 2
+    assert capsys.readouterr().err == "argrpo sample: --jacobi needs --engine torch (got 'vllm')\n"
 
 
 # ---- long images: a Markov-chain model whose per-position marginals are known exactly -------------------------------

@@ -9,6 +9,7 @@ from argrpo.recipes.commands import add_config_args, command
          configure=add_config_args)
 def run(args) -> int:
     from argrpo.config import load_config
+    from argrpo.errors import UserError
     from argrpo.grpo.evaluate import EvalRunConfig, evaluate, load_prompt_set, select_prompts
     from argrpo.models.policy import load_policy
     from argrpo.models.runtime import resolve_device, set_threads
@@ -18,8 +19,8 @@ def run(args) -> int:
     specs, from_file = load_prompt_set(cfg.prompts, cfg.shapes_per_tag, cfg.shapes_seed)
     indexed = select_prompts(specs, cfg.tags, cfg.per_tag_limit, cfg.limit)
     if not indexed:
-        raise SystemExit(f"argrpo eval: no prompts left in {cfg.prompts} after tags={cfg.tags}, "
-                         f"per_tag_limit={cfg.per_tag_limit}, limit={cfg.limit}")
+        raise UserError(f"no prompts left in {cfg.prompts} after tags={cfg.tags}, "
+                        f"per_tag_limit={cfg.per_tag_limit}, limit={cfg.limit}")
     if cfg.geneval_layout is None:
         cfg.geneval_layout = from_file  # GenEval's own files get GenEval's layout by default
     engine = None

@@ -63,6 +63,7 @@ def _write_prompt_folder(folder: Path, row: dict, images) -> None:
 @command("sample", help="sample images for a prompt file into GenEval's output layout", configure=configure)
 def run(args: argparse.Namespace) -> int:
     from argrpo.data.prompts import read_prompts
+    from argrpo.errors import UserError
     from argrpo.models.image_tokenizers import load_image_tokenizer
     from argrpo.models.policy import load_policy
     from argrpo.models.runtime import resolve_device, set_threads
@@ -72,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.n < 1 or args.batch_prompts < 1:
-        raise SystemExit("argrpo sample: --n and --batch-prompts must be >= 1")
+        raise UserError("--n and --batch-prompts must be >= 1")
     if args.jacobi and args.engine != "torch":
-        raise SystemExit(f"argrpo sample: --jacobi needs --engine torch (got {args.engine!r})")
+        raise UserError(f"--jacobi needs --engine torch (got {args.engine!r})")
     rows = read_prompts(args.prompts)[: args.limit]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
         # each Ray worker, and an engine that reads the weights itself (vLLM, in this process), loads the checkpoint
         policy = str(args.checkpoint)
         if args.image_tokenizer or args.layout:
-            raise SystemExit("argrpo sample: --image-tokenizer / --layout need --workers 0 and --engine torch")
+            raise UserError("--image-tokenizer / --layout need --workers 0 and --engine torch")
     else:
         loaded = load_policy(args.checkpoint, layout=args.layout, device=device)
         # the checkpoint's own decoder (Janus's VQ-VAE) or the image tokenizer directory it records
         image_tokenizer = load_image_tokenizer(args.image_tokenizer) if args.image_tokenizer else loaded.image_decoder()
         if image_tokenizer is None:
-            raise SystemExit(f"argrpo sample: {args.checkpoint} names no image tokenizer; pass --image-tokenizer DIR")
+            raise UserError(f"{args.checkpoint} names no image tokenizer; pass --image-tokenizer DIR")
         policy = PolicyComponents(loaded.model, loaded.layout, loaded.tokenizer, image_tokenizer, family=loaded.family)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg,
                               jacobi=args.jacobi)
