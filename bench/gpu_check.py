@@ -27,6 +27,11 @@ ties of random weights, so the bf16 prefix agreement is reported beside it, not 
 engine (:func:`bench.rollout.engine_flops` over the timed call) are reported as a fraction of a square bf16
 ``torch.matmul`` peak measured in the same run (before and after the timings; the best).
 
+Janus-Pro (section ``janus``, last): argrpo's torch engine through the Janus family against transformers' own
+``JanusForConditionalGeneration.generate(generation_mode="image")``, greedy, CFG 5, 576 tokens, batch 1 and 16, on
+bench/janus_rollout.py's random model at Janus-Pro-1B's shape (all 24 decoder layers here); greedy ids compared in
+float32 on 2 prompts; every timed call samples the whole image (transformers' Janus generate has no shorter form).
+
 Learner: one GRPO step of ``grpo.trainer.ARGRPOTrainer`` (TRL's GRPOTrainer with argrpo's visual-slice head and the
 importance correction), in-process and without Ray: the rollout function replays fixed random visual completions
 (G = 4 per prompt, 4,096 tokens each; sampling is what the rollout section measures), a random reward, SimpleAR's
@@ -39,7 +44,8 @@ generation-batch work: old and reference log-probs, advantages), forward+backwar
 
 Time guard: the run has ``--budget-s`` seconds (420 by default); the rollout section gets 65% of what is left when it
 starts and shares it between its calls (the torch engine's calls weighted 3:1 over the baseline's), the learner
-section the rest; a learner variant that would not fit is skipped and says so. Results are written after every
+section the rest but 75 s kept for the Janus section; a learner variant or Janus call that would not fit is skipped
+and says so. Results are written after every
 measurement, so a run stopped from outside still leaves what it measured.
 """
 
@@ -427,6 +433,134 @@ def _measure(r: Rollouts, engine: str, cfg: float, batch: int, budget_s: float) 
             "probe_only": probe_only, "s_per_image": full / batch, "images_per_s": batch / full}
 
 
+# ---- Janus-Pro ---------------------------------------------------------------------------------------------------
+# bench/janus_rollout.py's random JanusForConditionalGeneration: Janus-Pro-1B's language model and generation head
+# (24 layers at full size), a one-layer understanding tower (image generation never runs it)
+JANUS = {
+    "simplear-0.5b": dict(shape="1b", layers=24, grid=24, cfg=5.0, batches=(1, 16), text_len=14),
+    "tiny": dict(shape=dict(hidden=64, heads=4, kv_heads=4, mlp=128, vocab=102_400), layers=2, grid=4, cfg=5.0,
+                 batches=(1, 4), text_len=6),
+}
+JANUS_RESERVE_S = 75.0  # seconds kept for the Janus section at full size (it runs last)
+
+
+def janus_section(case_name: str, device, deadline: float, save) -> dict:
+    """argrpo's torch engine (Janus family) against transformers' own Janus image generation, greedy, CFG 5.
+
+    Janus's generate always samples the whole image (576 tokens), so nothing is scaled: a call that the time left
+    does not cover is skipped and says so. Greedy ids are compared in float32 (math attention, TF32 off) on 2
+    prompts; the timed calls run in bf16 on a GPU.
+    """
+    import torch
+    from argrpo.models.families.janus import PROMPT_TEMPLATE, JanusFamily
+    from argrpo.models.layout import TokenLayout
+    from argrpo.rollout.engines.torch_engine import TorchEngine
+    from argrpo.rollout.types import SamplingParams
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench.janus_rollout import SHAPES, build
+
+    spec = JANUS[case_name]
+    shape = SHAPES[spec["shape"]] if isinstance(spec["shape"], str) else spec["shape"]
+    res: dict = {"runs": [], "checks": {}}
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        with torch.device(device):  # random init of 1.6B parameters takes seconds there, a minute on the CPU
+            model = build(shape, spec["layers"], spec["grid"])
+    else:
+        model = build(shape, spec["layers"], spec["grid"])
+    model = model.to(device).eval()
+    gen_cfg = model.generation_config
+    bos, pad, boi = gen_cfg.bos_token_id, gen_cfg.pad_token_id, gen_cfg.generation_kwargs["boi_token_id"]
+    vocab, grid, cfg = shape["vocab"], spec["grid"], spec["cfg"]
+    layout = TokenLayout(name="janus", text_vocab_size=vocab, visual_offset=vocab, codebook_size=16_384,
+                         grid=(grid, grid), image_size=(grid * 16, grid * 16), prompt_template=PROMPT_TEMPLATE)
+    N = layout.n_image_tokens
+    g = torch.Generator().manual_seed(0)
+    n_prompts = max(2, max(spec["batches"]) // 4)
+    # equal lengths, so one unconditional prompt (every token but BOS and BOI -> pad, as transformers builds it)
+    # serves every row of both samplers
+    prompts = [[bos] + torch.randint(1000, 90_000, (spec["text_len"],), generator=g).tolist() + [boi]
+               for _ in range(n_prompts)]
+    uncond = [bos] + [pad] * spec["text_len"] + [boi]
+    res["config"] = {"shape": spec["shape"] if isinstance(spec["shape"], str) else "tiny", **shape,
+                     "layers": spec["layers"], "image_tokens": N, "cfg": cfg,
+                     "params": sum(p.numel() for n, p in model.named_parameters()
+                                   if "vqmodel" not in n and "vision_model" not in n),
+                     "build_s": time.perf_counter() - t0}
+    print(f"[janus] {res['config']['params'] / 1e6:.4g}M generation-path params, {N} tokens, CFG {cfg:g}, built in "
+          f"{res['config']['build_s']:.1f}s", flush=True)
+
+    def run(engine, batch):
+        P = max(1, batch // 4)
+        rows = [p for p in prompts[:P] for _ in range(batch // P)]
+        if engine == "torch":
+            eng = TorchEngine(model, layout, device=device, uncond_prompt_ids=uncond, family=JanusFamily(layout))
+            out = eng.generate(prompts[:P], SamplingParams(n=batch // P, temperature=0.0, cfg_scale=cfg))
+            return out.completion_ids - layout.visual_offset
+        ids = torch.tensor(rows, device=device)
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                  do_sample=False, guidance_scale=cfg).cpu()
+
+    def compare(batch):
+        a, b = run("torch", batch), run("hf", batch)
+        same = (a == b).all(0)
+        return {"equal": bool(same.all()), "first_mismatch": None if bool(same.all()) else int((~same).nonzero()[0]),
+                "tokens": N, "rows": batch}
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            t1 = time.perf_counter()
+            res["checks"]["greedy_float32"] = compare(2)
+            res["checks"]["float32_check_s"] = time.perf_counter() - t1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    res["checks"]["greedy_equal"] = res["checks"]["greedy_float32"]["equal"]
+    print(f"  greedy ids equal (float32, 2 prompts x {N} tokens): {res['checks']['greedy_float32']}", flush=True)
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    res["config"]["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    save(res)
+
+    last = {}
+    for batch in spec["batches"]:
+        for engine in ("torch", "hf"):
+            row = {"engine": "torch" if engine == "torch" else "transformers_janus", "cfg": cfg, "batch": batch}
+            guess = last.get(engine, res["checks"]["float32_check_s"] / 2) * max(1.0, batch / 4)
+            if deadline - time.monotonic() < guess:
+                row["note"] = f"skipped: {deadline - time.monotonic():.0f}s of the time budget left"
+            else:
+                try:
+                    if batch == spec["batches"][0]:
+                        _timed(lambda e=engine, b=batch: run(e, b), device)  # warm-up at this dtype
+                    seconds, ids = _timed(lambda e=engine, b=batch: run(e, b), device)
+                    if tuple(ids.shape) != (batch, N):
+                        raise RuntimeError(f"{engine} returned {tuple(ids.shape)} codes, expected ({batch}, {N})")
+                    last[engine] = seconds
+                    row.update(tokens_timed=N, seconds=seconds, s_per_image=seconds / batch,
+                               images_per_s=batch / seconds)
+                except Exception as e:  # noqa: BLE001 - an OOM is a result; the section goes on
+                    if not _is_oom(e):
+                        raise
+                    row["note"] = f"out of memory: {str(e)[:160]}"
+                    _free(device)
+            res["runs"].append(row)
+            print(f"  {row['engine']:18s} cfg {cfg:g} batch {batch:3d}: " + (
+                f"{row['seconds']:.2f}s -> {row['s_per_image']:.4g} s/image, {row['images_per_s']:.4g} images/s"
+                if "seconds" in row else row["note"]), flush=True)
+            save(res)
+    for row in res["runs"]:
+        base = next((x for x in res["runs"] if x["engine"] == "transformers_janus" and x["batch"] == row["batch"]
+                     and "images_per_s" in x), None)
+        if "images_per_s" in row and base:
+            row["x_hf"] = row["images_per_s"] / base["images_per_s"]
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
 # ---- learner ----------------------------------------------------------------------------------------------------
 def learner_policy(case: Case, work: Path):
     """(layout, random-weight policy on the CPU) of the learner section, saved to ``work / "policy"``.
@@ -673,6 +807,28 @@ def write(out_dir: Path, results: dict) -> tuple[Path, Path]:
         lines += ["- s/image (est.): a prefix was timed and scaled linearly to the full image (time budget)",
                   "- hf_generate: SimpleAR-style HF generate, CFG as a second pass with its own KV cache, "
                   "full-vocabulary logits restricted to visual ids per row (bench/rollout.py)", ""]
+    ja = results.get("janus")
+    if ja:
+        c = ja.get("config", {})
+        lines += ["## Janus-Pro", ""]
+        rows = [_fmt_row(r, [("engine", "engine", "{}"), ("CFG", "cfg", "{:g}"), ("batch", "batch", "{}"),
+                             ("s/call", "seconds", "{:.3g}"), ("s/image", "s_per_image", "{:.4g}"),
+                             ("images/s", "images_per_s", "{:.4g}"), ("x transformers", "x_hf", "{:.3g}"),
+                             ("note", "note", "{}")]) for r in ja.get("runs", [])]
+        if rows:
+            lines += [markdown_table(rows), ""]
+        if ja.get("error"):
+            lines.append(f"- failed: {ja['error']}")
+        if c:
+            lines += [f"- model: random JanusForConditionalGeneration, Janus-Pro-1B's language model shape (hidden "
+                      f"{c.get('hidden')}, {c.get('layers')} layers, vocabulary {c.get('vocab')}) and generation head "
+                      f"(16,384 codes), {c.get('params', 0) / 1e6:.4g}M generation-path params, {c.get('image_tokens')} "
+                      f"tokens/image, {c.get('dtype')}, greedy; batches above 4 are prompts x 4 samples",
+                      f"- transformers_janus: model.generate(generation_mode='image', guidance_scale={c.get('cfg'):g}); "
+                      f"the whole image is timed (no scaling)",
+                      f"- greedy ids equal, torch engine vs transformers (float32, TF32 off, math attention): "
+                      f"{ja.get('checks', {}).get('greedy_equal')} {json.dumps(ja.get('checks', {}).get('greedy_float32'))}"]
+        lines.append("")
     le = results.get("learner")
     if le:
         lines += ["## Learner", ""]
@@ -719,7 +875,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 64, 2 layers, 32 tokens): seconds")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    ap.add_argument("--sections", default="rollout,learner", help="comma list of rollout, learner")
+    ap.add_argument("--sections", default="rollout,learner,janus", help="comma list of rollout, learner, janus")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="largest rollout batch tried (default 64; 8 with --tiny)")
@@ -731,9 +887,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"rollout", "learner"}
+    unknown = set(sections) - {"rollout", "learner", "janus"}
     if unknown:
-        ap.error(f"--sections: unknown {sorted(unknown)}; known: rollout, learner")
+        ap.error(f"--sections: unknown {sorted(unknown)}; known: rollout, learner, janus")
 
     for mod in ("torch", "transformers", "numpy"):
         if _module_missing(mod):
@@ -765,9 +921,6 @@ def main(argv=None) -> int:
     results["environment"]["versions"]["datasets"] = _version("datasets")
     if device.type == "cuda":
         results["environment"]["cuda"] = torch.version.cuda
-    if not args.tiny:
-        results["notes"].append("not included: a Janus-Pro-1B-shaped case (576 tokens, CFG 5; the torch engine "
-                                "with models.families' Janus family against transformers' own Janus image generate)")
 
     def save(section: str):
         def _save(part: dict):
@@ -799,8 +952,17 @@ def _run_sections(args, case, device, sections, deadline, results, save) -> None
         left = deadline - time.monotonic()
         share = ROLLOUT_SHARE if "learner" in sections else 0.95
         rollout_section(case, device, time.monotonic() + share * left, save("rollout"))
+    janus = "janus" in sections
     if "learner" in sections:
-        learner_section(case, device, deadline - 5.0, save("learner"), args.beta)
+        reserve = (JANUS_RESERVE_S if results["case"] != "tiny" else 0.0) if janus else 0.0
+        learner_section(case, device, deadline - 5.0 - reserve, save("learner"), args.beta)
+    if janus:
+        try:
+            janus_section(results["case"], device, deadline - 5.0, save("janus"))
+            _free(device)
+        except Exception as e:  # noqa: BLE001 - the optional section must not cost the others their results
+            save("janus")({**results.get("janus", {}), "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            print(f"[janus] failed: {type(e).__name__}: {e}", flush=True)
 
 
 def _version(module: str) -> str | None:

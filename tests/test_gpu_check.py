@@ -60,9 +60,17 @@ def test_cpu_mode_runs_from_the_source_tree_without_ray_vllm_or_open_clip(tmp_pa
     lora = next(v for v in variants if v["tuning"] == "lora")
     assert lora["trainable_params"] < full["trainable_params"]
 
+    ja = res["janus"]
+    assert "error" not in ja and ja["checks"]["greedy_equal"] is True and ja["checks"]["greedy_float32"]["tokens"] == 16
+    assert [(r["engine"], r["batch"]) for r in ja["runs"]] == [
+        ("torch", 1), ("transformers_janus", 1), ("torch", 4), ("transformers_janus", 4)]
+    assert all(r["tokens_timed"] == 16 and r["images_per_s"] > 0 and r["x_hf"] > 0 for r in ja["runs"])
+
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "## Rollout" in md and "## Learner" in md
-    assert md.count("| torch |") == 4 and md.count("| hf_generate |") == 4
+    assert "## Rollout" in md and "## Learner" in md and "## Janus-Pro" in md
+    rollout_md = md[md.index("## Rollout"):md.index("## Janus-Pro")]
+    assert rollout_md.count("| torch |") == 4 and rollout_md.count("| hf_generate |") == 4
+    assert md.count("| transformers_janus |") == 2
     assert "| full, GC on |" in md and "| lora, GC off |" in md
 
 
@@ -85,6 +93,9 @@ def test_without_trl_the_learner_is_skipped_by_name_and_an_exhausted_budget_time
     for r in runs:
         assert r["extrapolated"] and r["probe_only"] and r["tokens_timed"] == 8
         assert math.isclose(r["s_per_image"], r["seconds"] * 32 / 8 / r["batch"])
+    # the Janus section runs last: with the budget spent, each of its calls is skipped and says so
+    assert res["janus"]["checks"]["greedy_equal"] is True
+    assert len(res["janus"]["runs"]) == 4 and all(r["note"].startswith("skipped") for r in res["janus"]["runs"])
     md = (tmp_path / "gpu_check.md").read_text()
     assert skipped in md
     assert sum("(est.)" in line for line in md.splitlines() if line.startswith("| ")) == 8
