@@ -42,11 +42,11 @@ first allocates AdamW's state and warms the kernels). Split: rollout (the replay
 generation-batch work: old and reference log-probs, advantages), forward+backward, optimizer; peak GPU memory
 (``torch.cuda.max_memory_allocated``; peak RSS on CPU) over both steps; whether the step moved the trainable weights.
 
-Time guard: the run has ``--budget-s`` seconds (420 by default); the rollout section gets 65% of what is left when it
-starts and shares it between its calls (the torch engine's calls weighted 3:1 over the baseline's), the learner
-section the rest but 75 s kept for the Janus section; a learner variant or Janus call that would not fit is skipped
-and says so. Results are written after every
-measurement, so a run stopped from outside still leaves what it measured.
+Time guard: the run has ``--budget-s`` seconds (420 by default); 75 s are kept for the Janus section, the rollout
+section gets 65% of the rest of what is left when it starts and shares it between its calls (the torch engine's
+calls weighted 3:1 over the baseline's), the learner section the remainder; a learner variant or Janus call that
+would not fit is skipped and says so. Results are written after every measurement, and at full size a watchdog ends
+the process 45 s past the budget (printing where it hung), so a stuck call still leaves what was measured.
 """
 
 from __future__ import annotations
@@ -961,13 +961,13 @@ def _run_sections(args, case, device, sections, deadline, results, save) -> None
     boot = results["bootstrap"]
     print(f"gpu_check: {results['case']} on {device} ({results['environment'].get('gpu') or 'cpu'}), budget "
           f"{args.budget_s:.0f}s, argrpo from {boot['argrpo']}, wheels {boot['wheels']}", flush=True)
+    janus = "janus" in sections
+    reserve = JANUS_RESERVE_S if janus and results["case"] != "tiny" else 0.0
     if "rollout" in sections:
-        left = deadline - time.monotonic()
+        left = deadline - reserve - time.monotonic()
         share = ROLLOUT_SHARE if "learner" in sections else 0.95
         rollout_section(case, device, time.monotonic() + share * left, save("rollout"))
-    janus = "janus" in sections
     if "learner" in sections:
-        reserve = (JANUS_RESERVE_S if results["case"] != "tiny" else 0.0) if janus else 0.0
         learner_section(case, device, deadline - 5.0 - reserve, save("learner"), args.beta)
     if janus:
         try:
