@@ -278,10 +278,11 @@ class Rollouts:
         self.dtype = dtype
 
     def kv_bytes(self, batch: int) -> int:
-        c = self.model.config
-        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        """Bytes of the KV cache of ``batch`` rows over the longest prompt plus a whole image, both CFG branches."""
         import torch
 
+        c = self.model.config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         L = self.case.prompt_len[1] + self.N
         elt = torch.finfo(self.dtype).bits // 8
         return 2 * batch * L * c.num_hidden_layers * 2 * c.num_key_value_heads * hd * elt  # both CFG branches
