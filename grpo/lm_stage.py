@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from argrpo.data.captions import CaptionSource
+from argrpo.grpo.sharding import DistributedConfig, set_plugin_precision, training_arguments
 from argrpo.models.families import family_for_layout
 from argrpo.models.policy import ARGRPO_FILE, PolicyConfig
 from argrpo.models.unwrap import unwrap_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's FSDP model shards (torch.distributed.checkpoint)
 
 
 # ---- config ----------------------------------------------------------------------------------------------------
@@ -123,6 +126,9 @@ class LMStageConfig:
                           "every step, models.visual_head)"},
     )
     train: TrainSettings = field(default_factory=TrainSettings, metadata={"help": "optimisation"})
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig,
+        metadata={"help": "several processes (torch.distributed.run): ddp replicas or fsdp (FSDP2) shards"})
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -137,6 +143,9 @@ class LMStageConfig:
         if self.visual_head != "free" and self.policy.lora.enabled:
             raise ValueError(f"visual_head={self.visual_head!r} constrains the LM head, which LoRA adapters neither "
                              f"train nor save; use it with full training (policy.lora.enabled=false)")
+        if self.visual_head != "free" and self.distributed.strategy == "fsdp":
+            raise ValueError(f"visual_head={self.visual_head!r} rewrites the whole LM head after every step, which "
+                             f"FSDP holds in shards; use distributed.strategy=ddp or visual_head=free")
 
 
 @dataclass
@@ -277,6 +286,21 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
     return loss, metrics
 
 
+def _sharded_loss(model):
+    """``visual_lm_loss`` bound to ``model``; on an FSDP2 model it runs as a registered forward method
+    (``register_fsdp_forward_method``), so the root's parameters are gathered and its gradients reduce-scattered
+    as in ``forward`` (the loss calls the decoder and reads the head rows directly, bypassing the root's hooks)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not isinstance(model, FSDPModule):
+        return lambda batch, layout, w: visual_lm_loss(model, batch, layout, w)
+    if not hasattr(model, "argrpo_visual_lm_loss"):
+        model.argrpo_visual_lm_loss = types.MethodType(
+            lambda self, batch, layout, w: visual_lm_loss(self, batch, layout, w), model)
+        register_fsdp_forward_method(model, "argrpo_visual_lm_loss")
+    return model.argrpo_visual_lm_loss
+
+
 # ---- trainer ---------------------------------------------------------------------------------------------------
 def _trainer_class():
     from transformers import Trainer, TrainerCallback
@@ -306,12 +330,22 @@ def _trainer_class():
             self._metric_sums: dict[str, float] = {}
             self._metric_count = 0
             self.add_callback(EpochCallback(self.train_dataset))
+            if self.is_fsdp_enabled:
+                from argrpo.grpo.sharding import UnshardOutputHead
+
+                self.add_callback(UnshardOutputHead())  # the loss reads lm_head.weight rows without calling lm_head
+
+        def create_accelerator_and_postprocess(self):
+            from argrpo.grpo.sharding import enable_fsdp_on_cpu
+
+            super().create_accelerator_and_postprocess()
+            enable_fsdp_on_cpu(self)  # accelerate drops an FSDP plugin on CPU (grpo.sharding says why)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # Accelerate applies mixed precision by wrapping model.forward; the visual-slice loss calls the decoder
             # directly, so it enters the accelerator's autocast itself (else bf16: true would train in float32).
             with self.accelerator.autocast():
-                loss, metrics = visual_lm_loss(model, inputs, self.layout, self.text_loss_weight)
+                loss, metrics = _sharded_loss(model)(inputs, self.layout, self.text_loss_weight)
             for k, v in metrics.items():
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
             self._metric_count += 1
@@ -343,6 +377,8 @@ def _trainer_class():
 
             run_dir = Path(super()._get_output_dir(trial))
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if self.is_fsdp_enabled:
+                return self._save_sharded_checkpoint(model, trial, run_dir, name)
             recover_all(run_dir)  # temp dirs of a save or a deletion that was killed
             with atomic_dir(run_dir / name) as tmp:
                 self._staging = tmp
@@ -356,6 +392,37 @@ def _trainer_class():
                 written.rmdir()
             limit = self.args.save_total_limit
             if limit:
+                for old in complete_checkpoints(run_dir)[:-limit]:
+                    remove_dir(old)
+
+        def _save_sharded_checkpoint(self, model, trial, run_dir: Path, name: str):
+            """FSDP2: every process writes its shards (Trainer's own FSDP save) into one temp dir the main process
+            created; the main process renames it into place once all are done (as ``_save_checkpoint``)."""
+            from contextlib import nullcontext
+
+            import torch.distributed as dist
+            from argrpo.models.checkpoint import atomic_dir, recover_all, remove_dir
+
+            main = self.is_world_process_zero()
+            if main:
+                recover_all(run_dir)
+            with atomic_dir(run_dir / name) if main else nullcontext(None) as tmp:
+                box = [str(tmp) if main else None]
+                dist.broadcast_object_list(box, src=0)
+                self._staging = Path(box[0])
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging = None
+                dist.barrier()  # every process's shards are on disk
+                if main:
+                    written = tmp / name
+                    for entry in list(written.iterdir()):
+                        os.replace(entry, tmp / entry.name)
+                    written.rmdir()
+            dist.barrier()
+            limit = self.args.save_total_limit
+            if limit and main:
                 for old in complete_checkpoints(run_dir)[:-limit]:
                     remove_dir(old)
 
@@ -386,7 +453,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
             json.loads((p / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if (p / ARGRPO_FILE).is_file():
+        if (p / ARGRPO_FILE).is_file() or (p / SHARDED_MODEL_DIR).is_dir():
             out.append((int(m.group(1)), p))
     return [p for _, p in sorted(out)]
 
@@ -514,7 +581,11 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
 
     captions = load_caption_dataset(cfg.data)
     model, tokenizer, layout, image_tokenizer, tok_dir = prepared or prepare_policy(cfg, captions, device=device)
-    cached = build_token_cache(captions, image_tokenizer, cfg.cache_dir, batch_size=cfg.encode_batch_size)
+    from accelerate import PartialState
+
+    # several processes share cache_dir: the main one writes the cache, the others then read it
+    with PartialState().main_process_first():
+        cached = build_token_cache(captions, image_tokenizer, cfg.cache_dir, batch_size=cfg.encode_batch_size)
     dataset = CodesDataset(cached, tokenizer, layout, cfg.caption_dropout, seed=cfg.train.seed)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} training rows < train.batch_size {cfg.train.batch_size} (the last "
@@ -538,7 +609,9 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
         remove_unused_columns=False,
         label_names=["image_codes"],
         **t.trainer_args,
+        **training_arguments(cfg.distributed),
     )
+    set_plugin_precision(args, cfg.distributed)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=CodesCollator(layout, pad),
         processing_class=tokenizer,
@@ -560,8 +633,13 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     else:
         out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    _publish(output_dir, trainer.model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
-             extra={"stage_step": int(trainer.state.global_step)})
+    from argrpo.grpo.sharding import consolidated_model
+
+    model = consolidated_model(trainer.model)  # under FSDP2 a collective: the main process gets the full weights
+    if trainer.is_world_process_zero() or not trainer.is_fsdp_enabled:
+        _publish(output_dir, model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
+                 extra={"stage_step": int(trainer.state.global_step)})
+    trainer.accelerator.wait_for_everyone()  # the next stage may load output_dir on any process
     return LMStageResult(
         output_dir=output_dir, global_step=int(trainer.state.global_step),
         train_loss=getattr(out, "training_loss", None), train_seconds=seconds, rows=len(dataset),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from transformers import TrainerCallback
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -164,3 +165,36 @@ def consolidated_model(model):
         raise RuntimeError(f"consolidating {type(base).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
     return fresh.eval()
+
+
+def unshard_output_head(model) -> bool:
+    """Keep a separately sharded output embedding gathered for forwards that read its weight without calling it.
+
+    argrpo's visual heads multiply hidden states with rows of ``lm_head.weight`` (grpo.logprobs, the pretrain/SFT
+    loss) and never call ``lm_head`` itself, so its FSDP2 hooks never gather it. accelerate shards the LM head in
+    one "tail" unit with the final norm (gathered when the norm runs, kept until the backward: the unit does not
+    reshard after forward), but it finds the norm by ``base_model_prefix``, which a peft model hides; the head then
+    forms a unit alone. For that case this registers a forward pre-hook on the root that gathers the head
+    (``FSDPModule.unshard``); FSDP2's end-of-backward callback reduce-scatters its gradient (if any) and reshards it,
+    as for any unit whose forward did not run. Returns whether a hook was registered.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, FSDPModule) or getattr(model, "_argrpo_head_unshard", False):
+        return False
+    group = head._get_fsdp_state()._fsdp_param_groups
+    others = {id(m) for g in group for m in g.modules} - {id(head)}
+    if others:  # shares its unit with the final norm (or the tied embedding): gathered when those run
+        return False
+    model.register_forward_pre_hook(lambda module, args: head.unshard())
+    model._argrpo_head_unshard = True
+    return True
+
+
+class UnshardOutputHead(TrainerCallback):
+    """Applies :func:`unshard_output_head` once the trainer has sharded its model (at the start of training)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and is_fsdp(model):
+            unshard_output_head(model)

@@ -41,6 +41,7 @@ import torch
 from argrpo.grpo.config import NOT_TRL_FIELDS, CorrectionConfig, GRPORunConfig
 from argrpo.grpo.logprobs import install_visual_head
 from argrpo.grpo.sharding import (
+    UnshardOutputHead,
     consolidated_model,
     enable_fsdp_on_cpu,
     set_plugin_precision,
@@ -77,6 +78,8 @@ class ARGRPOTrainer(GRPOTrainer):
                  skip_zero_advantage: bool = False, **kwargs):
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            self.add_callback(UnshardOutputHead())  # the visual head reads lm_head.weight without calling lm_head
         self.family = family_for_layout(layout)
         self.layout = self.family.layout
         self.stats = stats if stats is not None else StepStats()

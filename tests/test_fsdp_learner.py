@@ -43,6 +43,12 @@ def launch(script: Path, *args, timeout: int = 600) -> subprocess.CompletedProce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """The error lines of every rank (the launcher's summary alone names no cause), then the end of stderr."""
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line and "elastic" not in line]
+    return "\n".join(errors[:20]) + "\n...\n" + proc.stderr[-3000:]
+
+
 def world_json(tmp: Path) -> Path:
     world = shared_world()
     path = tmp / "world.json"
@@ -57,7 +63,7 @@ def runs(tmp_path_factory):
     out = {}
     for strategy in ("ddp", "fsdp"):
         proc = launch(TESTS / "fsdp_grpo.py", wj, tmp / strategy, strategy)
-        assert proc.returncode == 0, proc.stderr[-6000:]
+        assert proc.returncode == 0, failure(proc)
         out[strategy] = (tmp / strategy, [json.loads((tmp / strategy / f"rank{r}.json").read_text())
                                           for r in range(NPROC)])
     return out
@@ -145,7 +151,7 @@ def killed_and_resumed(tmp_path_factory):
     after_kill = [step for step, _ in list_checkpoints(tmp / "run" / "run" / "checkpoints")]
     (tmp / "resume.json").write_text(json.dumps({**every, "_resume": True}))
     proc = launch(TESTS / "fsdp_grpo.py", wj, tmp / "run", "fsdp", tmp / "resume.json")
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.returncode == 0, failure(proc)
     ranks = [json.loads((tmp / "run" / f"rank{r}-resumed.json").read_text()) for r in range(NPROC)]
     return tmp / "run", after_kill, ranks
 
@@ -198,3 +204,79 @@ def test_resuming_shards_on_one_process_is_refused_naming_both_counts(killed_and
         "grpo.per_device_train_batch_size": 8, "grpo.max_steps": 4, "distributed.strategy": "fsdp"}))
     with pytest.raises(ValueError, match=r"FSDP shards by 2 learner processes; this run has 1 process"):
         train(cfg, resume=True)
+
+
+# ---- LoRA -----------------------------------------------------------------------------------------------------------
+LORA = {"policy.lora.enabled": True, "policy.lora.r": 4, "grpo.beta": 0.04, "grpo.learning_rate": 0.05}
+
+
+def test_fsdp_lora_pushes_adapter_tensors_only_and_samples_like_one_process(tmp_path, monkeypatch):
+    """LoRA on the sharded model (KL to the adapter-disabled model): every push holds the adapter's tensors only,
+    gathered from the shards, and one process's engine given base + that adapter samples step 1 as the ranks did."""
+    from argrpo.config import load_config
+    from argrpo.grpo.config import GRPORunConfig
+    from argrpo.grpo.rollouts import RolloutSource
+    from argrpo.grpo.weight_sync import WorkerPolicy
+    from argrpo.rollout.pool import LocalRolloutPool, RolloutConfig
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "lora.json").write_text(json.dumps(LORA))
+    proc = launch(TESTS / "fsdp_grpo.py", world_json(tmp_path), tmp_path / "lora", "fsdp", tmp_path / "lora.json")
+    assert proc.returncode == 0, failure(proc)
+    ranks = [json.loads((tmp_path / "lora" / f"rank{r}.json").read_text()) for r in range(NPROC)]
+    assert ranks[0]["steps"] == STEPS and ranks[0]["pushes"] == ranks[1]["pushes"]
+    keys = ranks[0]["pushes"][0]
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    pushed = _weights(tmp_path / "lora" / "pushed-1.safetensors")
+    assert sorted(pushed) == keys
+    assert max(float(v.abs().max()) for k, v in pushed.items() if ".lora_B." in k) > 0  # B starts at 0: trained
+
+    world = shared_world()
+    monkeypatch.setenv("WORLD_SIZE", str(NPROC))
+    cfg = load_config(GRPORunConfig, None, run_overrides(world, Path("unused"), **{
+        "grpo.per_device_train_batch_size": 4, **LORA}))
+    G = cfg.grpo.num_generations
+    step1 = [s for r in ranks for s in r["scored"] if s["step"] == 1]
+    captions = [s["prompt"] for s in step1][::G]
+    source = RolloutSource(None, None, cfg.rollout.sampling, G, captions, len(captions), seed=cfg.seed)
+    policy = WorkerPolicy(str(world["policy"]), lora=cfg.policy.lora)
+    with LocalRolloutPool(policy, RolloutConfig(num_workers=0, device="cpu")) as pool:
+        pool.load_weights(pushed, 1, adapter=True)
+        ro = pool.generate(captions, G, source._sampling(1))
+    assert ro.completion_ids.tolist() == [s["ids"] for s in step1]
+
+    final = tmp_path / "lora" / "run" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(str(final))  # base named in adapter_config.json + the adapter
+
+
+# ---- pretrain / SFT ------------------------------------------------------------------------------------------------
+def test_pretrain_and_sft_under_fsdp_equal_one_process_on_the_same_global_batch(vq_dir, tmp_path):
+    """2 ranks x 8 rows under FSDP2 train as one process on 16 rows (the loss is a mean over the batch, FSDP2
+    averages the two ranks' gradients): same weights within ATOL after 3 pretraining steps (measured: 6e-8)."""
+    from argrpo.config import load_config
+    from argrpo.grpo.lm_stage import PretrainConfig, complete_checkpoints, run_lm_stage
+    from argrpo.models.policy import load_policy
+    from fsdp_lm_stage import overrides
+    from transformers import AutoModelForCausalLM
+
+    proc = launch(TESTS / "fsdp_lm_stage.py", vq_dir, tmp_path / "fsdp", "fsdp")
+    assert proc.returncode == 0, failure(proc)
+    ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in range(NPROC)]
+    assert [r["pre"]["steps"] for r in ranks] == [3, 3] and [r["sft"]["steps"] for r in ranks] == [2, 2]
+    # checkpoints (step 2, and the last step as Trainer adds) hold shards, resumable by Trainer's own FSDP path
+    ckpts = complete_checkpoints(tmp_path / "fsdp" / "pre")
+    assert [p.name for p in ckpts] == ["checkpoint-2", "checkpoint-3"]
+    assert all((p / "pytorch_model_fsdp_0").is_dir() and (p / "optimizer_0").is_dir() for p in ckpts)
+
+    one = run_lm_stage(load_config(PretrainConfig, None, overrides(
+        tmp_path / "one", str(vq_dir), tmp_path / "fsdp" / "cache", "ddp", steps=3, batch=8 * NPROC)))
+    assert one.global_step == 3
+    a, b = _weights(tmp_path / "one" / "model.safetensors"), _weights(tmp_path / "fsdp" / "pre" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
+    # both stages end as consolidated policies: argrpo loads them, so does transformers
+    sft = load_policy(tmp_path / "fsdp" / "sft")
+    pre = load_policy(tmp_path / "fsdp" / "pre")
+    assert any(not torch.equal(v, pre.model.state_dict()[k]) for k, v in sft.model.state_dict().items())
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "sft"))
