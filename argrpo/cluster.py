@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -290,3 +290,32 @@ def wait_until_placed(actors: Sequence[tuple[str, Any, ActorRequest | str]], tim
             next_warn += warn_every_s
         time.sleep(min(delay, max(0.0, t0 + timeout_s - now)))
         delay = min(delay * 2, 1.0)
+
+
+def start_actors(requests: Sequence[ActorRequest], creators: Sequence[tuple[str, Callable[[], Any]]], where: str,
+                 pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S) -> list:
+    """Create Ray actors only once the cluster can hold them: ``requests`` (what they ask for, counted together) are
+    checked first (:func:`check_cluster_offers`, :func:`check_resources`), then each ``(name, create)`` of
+    ``creators`` is called in the order of ``requests`` (``count`` creators each), then this waits until Ray has
+    placed them all (:func:`wait_until_placed`). On any failure the actors created so far are killed."""
+    import ray
+
+    for r in requests:
+        check_cluster_offers(r.custom_resources, f"{where}: {r.what}")
+    check_resources(requests, where)
+    per_actor = [r for r in requests for _ in range(r.count)]
+    if len(per_actor) != len(creators):
+        raise ValueError(f"{where}: {len(creators)} actors to create for {len(per_actor)} requested")
+    actors = []
+    try:
+        for _, create in creators:
+            actors.append(create())
+        wait_until_placed([(name, a, r) for (name, _), a, r in zip(creators, actors, per_actor)], pending_timeout_s)
+    except BaseException:
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        raise
+    return actors

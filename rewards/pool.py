@@ -14,6 +14,7 @@ there: install it, or pass ``runtime_env={"env_vars": {"PYTHONPATH": ...}}`` (im
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,19 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from argrpo.cluster import (
-    DEFAULT_PENDING_TIMEOUT_S,
-    ActorRequest,
-    Placement,
-    check_cluster_offers,
-    check_resources,
-    custom_resources_field,
-    placement_field,
-    scheduling_options,
-    validate_custom_resources,
-    validate_placement,
-    wait_until_placed,
-)
+from argrpo import cluster
 from argrpo.rewards.base import (
     Normalize,
     Reward,
@@ -71,8 +60,8 @@ class RewardPoolConfig:
                                                        "models), or for Ray to bring a dead one back"})
     resources: dict = field(default_factory=dict,
                             metadata={"help": "per-reward overrides, e.g. {hps: {num_gpus: 0.5}}"})
-    custom_resources: dict[str, float] = custom_resources_field("reward actor", "reward_node")
-    placement: Placement = placement_field("reward actors")
+    custom_resources: dict[str, float] = cluster.custom_resources_field("reward actor", "reward_node")
+    placement: cluster.Placement = cluster.placement_field("reward actors")
 
     def __post_init__(self):
         if self.num_cpus < 0 or self.num_gpus < 0:
@@ -86,17 +75,18 @@ class RewardPoolConfig:
                 raise ValueError(f"reward pool: resources[{key!r}] has unknown keys {sorted(bad)}; "
                                  f"valid: {sorted(known)}")
             if "custom_resources" in res:
-                res["custom_resources"] = validate_custom_resources(
+                res["custom_resources"] = cluster.validate_custom_resources(
                     res["custom_resources"], f"reward pool: resources[{key!r}].custom_resources")
-        self.custom_resources = validate_custom_resources(self.custom_resources, "reward pool: custom_resources")
-        validate_placement(self.placement, "reward pool: placement")
+        self.custom_resources = cluster.validate_custom_resources(self.custom_resources,
+                                                                  "reward pool: custom_resources")
+        cluster.validate_placement(self.placement, "reward pool: placement")
 
     def actor_resources(self, key: str) -> dict:
         """num_cpus / num_gpus / threads / custom_resources of reward ``key``'s actor (its overrides applied)."""
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "threads": self.threads,
                 "custom_resources": self.custom_resources, **self.resources.get(key, {})}
 
-    def actor_requests(self, keys: Sequence[str], prefix: str = "reward_pool") -> list[ActorRequest]:
+    def actor_requests(self, keys: Sequence[str], prefix: str = "reward_pool") -> list[cluster.ActorRequest]:
         """What the actors of rewards ``keys`` ask Ray for, naming the config keys that set it."""
         out = []
         for key in keys:
@@ -104,8 +94,8 @@ class RewardPoolConfig:
             where = f"{prefix}.resources.{key}" if key in self.resources else prefix
             names = ["reward_actors", f"{where}.num_cpus"] + [f"{where}.{k}" for k in ("num_gpus", "custom_resources")
                                                                if res[k]]
-            out.append(ActorRequest(f"reward actor {key!r}", 1, res["num_cpus"], res["num_gpus"],
-                                    res["custom_resources"], tuple(names)))
+            out.append(cluster.ActorRequest(f"reward actor {key!r}", 1, res["num_cpus"], res["num_gpus"],
+                                            res["custom_resources"], tuple(names)))
         return out
 
 
@@ -166,7 +156,7 @@ class RewardPool(Reward):
     def __init__(self, rewards: Sequence[RewardSpec | Mapping | str] | Mapping[str, Callable],
                  normalize: Normalize = "none", config: RewardPoolConfig | None = None,
                  runtime_env: dict | None = None, name: str | None = None,
-                 pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
+                 pending_timeout_s: float = cluster.DEFAULT_PENDING_TIMEOUT_S):
         import ray
 
         super().__init__(name)
@@ -192,25 +182,19 @@ class RewardPool(Reward):
                                        {k: modes.get(k) or normalize for k, *_ in entries}, name=self.name)
         self.actors: dict[str, Any] = {}
         cls = ray.remote(RewardActor)
-        placed = {key: self.config.actor_resources(key) for key, *_ in entries}
-        for key in placed:
-            check_cluster_offers(placed[key]["custom_resources"], f"reward pool: reward {key!r}")
-        requests = self.config.actor_requests(list(placed))
-        check_resources(requests, "reward pool")
+        creators = []
         for key, spec, fn, _ in entries:
-            res = placed[key]
+            res = self.config.actor_resources(key)
             env = dict(runtime_env or {})
             env["env_vars"] = {"OMP_NUM_THREADS": str(int(res["threads"])), **env.get("env_vars", {})}
             options = dict(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
                            max_restarts=self.config.max_restarts, max_task_retries=0, runtime_env=env,
-                           **scheduling_options(res["custom_resources"], self.config.placement))
-            self.actors[key] = cls.options(**options).remote(key, spec, fn, int(res["threads"]))
-        try:
-            wait_until_placed([(f"reward actor {k!r}", a, r) for (k, a), r in zip(self.actors.items(), requests)],
-                              pending_timeout_s)
-        except BaseException:
-            self.shutdown()
-            raise
+                           **cluster.scheduling_options(res["custom_resources"], self.config.placement))
+            creators.append((f"reward actor {key!r}",
+                             functools.partial(cls.options(**options).remote, key, spec, fn, int(res["threads"]))))
+        keys = [key for key, *_ in entries]
+        actors = cluster.start_actors(self.config.actor_requests(keys), creators, "reward pool", pending_timeout_s)
+        self.actors = dict(zip(keys, actors))
         # Building the models happens in the actors' constructors: wait so a bad config fails here, by name.
         for key, actor in self.actors.items():
             try:

@@ -21,19 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from argrpo.cluster import (
-    DEFAULT_PENDING_TIMEOUT_S,
-    ActorRequest,
-    Placement,
-    check_cluster_offers,
-    check_resources,
-    custom_resources_field,
-    placement_field,
-    scheduling_options,
-    validate_custom_resources,
-    validate_placement,
-    wait_until_placed,
-)
+from argrpo import cluster
 from argrpo.rollout.sampling import resolve_seed
 from argrpo.rollout.types import Rollout, SamplingParams
 from argrpo.rollout.worker import RolloutWorker
@@ -59,8 +47,8 @@ class RolloutConfig:
     max_batch_rows: int | None = field(
         default=None, metadata={"help": "most samples per forward batch in one worker (None = all at once)"}
     )
-    custom_resources: dict[str, float] = custom_resources_field("rollout actor", "rollout")
-    placement: Placement = placement_field("rollout actors")
+    custom_resources: dict[str, float] = cluster.custom_resources_field("rollout actor", "rollout")
+    placement: cluster.Placement = cluster.placement_field("rollout actors")
     max_restarts: int = field(default=3, metadata={"help": "times Ray may restart a dead rollout actor"})
     max_task_retries: int = field(default=3, metadata={"help": "times Ray retries a call on a restarted actor"})
     sampling: SamplingParams = field(default_factory=SamplingParams, metadata={"help": "rollout sampling settings"})
@@ -78,15 +66,16 @@ class RolloutConfig:
             raise ValueError(f"rollout.num_gpus_per_worker must be >= 0, got {self.num_gpus_per_worker}")
         if self.mode not in ("sync", "async"):
             raise ValueError(f"rollout.mode must be 'sync' or 'async', got {self.mode!r}")
-        self.custom_resources = validate_custom_resources(self.custom_resources, "rollout.custom_resources")
-        validate_placement(self.placement, "rollout.placement")
+        self.custom_resources = cluster.validate_custom_resources(self.custom_resources,
+                                                                  "rollout.custom_resources")
+        cluster.validate_placement(self.placement, "rollout.placement")
 
-    def actor_request(self, prefix: str = "rollout") -> ActorRequest:
+    def actor_request(self, prefix: str = "rollout") -> cluster.ActorRequest:
         """What the Ray rollout workers ask for, naming the config keys that set it (none with num_workers 0)."""
         keys = [f"{prefix}.num_workers", f"{prefix}.num_cpus_per_worker"]
         keys += [f"{prefix}.{k}" for k in ("num_gpus_per_worker", "custom_resources") if getattr(self, k)]
-        return ActorRequest("rollout worker", self.num_workers, self.num_cpus_per_worker, self.num_gpus_per_worker,
-                            self.custom_resources, tuple(keys))
+        return cluster.ActorRequest("rollout worker", self.num_workers, self.num_cpus_per_worker,
+                                    self.num_gpus_per_worker, self.custom_resources, tuple(keys))
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -139,7 +128,7 @@ class RolloutPool:
     """
 
     def __init__(self, policy, config: RolloutConfig | None = None, engine_kwargs: dict | None = None, dtype=None,
-                 pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
+                 pending_timeout_s: float = cluster.DEFAULT_PENDING_TIMEOUT_S):
         import ray
 
         if not ray.is_initialized():
@@ -150,11 +139,8 @@ class RolloutPool:
         if config.num_workers < 1:
             raise ValueError("RolloutPool needs num_workers >= 1 (use LocalRolloutPool for in-process rollouts)")
         threads = str(config.num_cpus_per_worker)
-        check_cluster_offers(config.custom_resources, "rollout.custom_resources")
-        request = config.actor_request()
-        check_resources([request], "rollout pool")
         actor_cls = ray.remote(RolloutWorker).options(
-            **scheduling_options(config.custom_resources, config.placement),
+            **cluster.scheduling_options(config.custom_resources, config.placement),
             num_cpus=config.num_cpus_per_worker,
             num_gpus=config.num_gpus_per_worker,
             max_restarts=config.max_restarts,
@@ -164,17 +150,14 @@ class RolloutPool:
         )
         kwargs = {} if config.max_batch_rows is None else {"max_batch_rows": config.max_batch_rows}
         kwargs.update(engine_kwargs or {})
-        self.workers = [
-            actor_cls.remote(policy, engine=config.engine, device=config.resolved_device(), engine_kwargs=kwargs,
-                             num_threads=config.num_cpus_per_worker, dtype=dtype)
-            for _ in range(config.num_workers)
-        ]
-        try:
-            wait_until_placed([(f"rollout worker {i}", w, request) for i, w in enumerate(self.workers)],
-                              pending_timeout_s)
-        except BaseException:
-            self.shutdown()
-            raise
+
+        def create():
+            return actor_cls.remote(policy, engine=config.engine, device=config.resolved_device(),
+                                    engine_kwargs=kwargs, num_threads=config.num_cpus_per_worker, dtype=dtype)
+
+        self.workers = cluster.start_actors([config.actor_request()],
+                                            [(f"rollout worker {i}", create) for i in range(config.num_workers)],
+                                            "rollout pool", pending_timeout_s)
         self.version = ray.get(self.workers[0].weight_version.remote())  # also waits for the constructors
         ray.get([w.weight_version.remote() for w in self.workers[1:]])
         self._weights: tuple[Any, int, bool] | None = None  # (object ref, version, adapter) of the latest weights
@@ -321,7 +304,7 @@ class LocalRolloutPool:
 
 
 def build_rollout_pool(policy, config: RolloutConfig, engine_kwargs: dict | None = None, dtype=None,
-                       pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S):
+                       pending_timeout_s: float = cluster.DEFAULT_PENDING_TIMEOUT_S):
     """``num_workers == 0``: LocalRolloutPool; else a Ray RolloutPool."""
     if config.num_workers == 0:
         return LocalRolloutPool(policy, config, engine_kwargs=engine_kwargs, dtype=dtype)
