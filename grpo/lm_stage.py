@@ -207,21 +207,24 @@ class CodesDataset(torch.utils.data.Dataset):
 
 
 class CodesCollator:
-    """Left-pads prompts and appends the image ids.
+    """Left-pads prompts and appends the image ids (with the family's forced tokens, e.g. Emu3's row ends, in place).
 
-    Returns input_ids / attention_mask / position_ids int64 [B, L+N] (positions start at 0 on each row's first real
-    token, as in the rollout engines) and image_codes int64 [B, N].
+    layout: the policy's ``ModelFamily`` or a bare ``TokenLayout`` (the shared-vocabulary family).
+    Returns input_ids / attention_mask / position_ids int64 [B, L+T] (positions start at 0 on each row's first real
+    token, as in the rollout engines; T = N codes plus the forced tokens) and image_codes int64 [B, N].
     """
 
     def __init__(self, layout, pad_token_id: int):
-        self.layout = layout
+        self.family = family_for_layout(layout)
+        self.layout = self.family.layout
         self.pad = int(pad_token_id)
 
     def __call__(self, items: list[dict]) -> dict:
         B, N = len(items), self.layout.n_image_tokens
+        T = self.family.completion_length
         L = max(len(it["prompt_ids"]) for it in items)
-        input_ids = torch.full((B, L + N), self.pad, dtype=torch.long)
-        mask = torch.zeros((B, L + N), dtype=torch.long)
+        input_ids = torch.full((B, L + T), self.pad, dtype=torch.long)
+        mask = torch.zeros((B, L + T), dtype=torch.long)
         codes = torch.stack([it["codes"] for it in items])
         if codes.shape[1] != N:
             raise ValueError(f"cached codes have {codes.shape[1]} tokens but the layout expects {N}")
@@ -229,7 +232,14 @@ class CodesCollator:
             p = it["prompt_ids"]
             input_ids[i, L - len(p) : L] = torch.as_tensor(p, dtype=torch.long)
             mask[i, L - len(p) :] = 1
-        input_ids[:, L:] = codes + self.layout.visual_offset
+        if T == N:
+            input_ids[:, L:] = codes + self.layout.visual_offset
+        else:
+            sampled = self.family.sampled_mask()
+            image = torch.empty(B, T, dtype=torch.long)
+            image[:, sampled] = codes + self.layout.visual_offset
+            image[:, ~sampled] = torch.tensor([t for _, t in sorted(self.family.forced_tokens.items())])
+            input_ids[:, L:] = image
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "image_codes": codes}
 
@@ -242,7 +252,8 @@ def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor
 
     batch: input_ids / attention_mask / position_ids [B, T], image_codes [B, N]; layout: the policy's
     ``ModelFamily`` (a bare ``TokenLayout``: the shared-vocabulary family).
-    Returns (logits float32 [B, N, C] predicting image_codes, the decoder's hidden states [B, T, H]).
+    Returns (logits float32 [B, N, C] predicting image_codes, the decoder's hidden states [B, T, H]). A family's
+    forced tokens are inputs only: no logits predict them (no loss).
     """
     family = family_for_layout(layout)
     hidden = family.decoder(model)(
@@ -250,7 +261,10 @@ def image_logits(model, batch: dict, layout) -> tuple[torch.Tensor, torch.Tensor
         position_ids=batch["position_ids"], use_cache=False,
     ).last_hidden_state  # [B, T, H]
     N = batch["image_codes"].shape[1]
-    h = hidden[:, -N - 1 : -1]
+    if family.forced_tokens:
+        h = hidden[:, -family.completion_length - 1 : -1][:, family.sampled_mask().to(hidden.device)]
+    else:
+        h = hidden[:, -N - 1 : -1]
     rows = getattr(family, "visual_head_rows", None)
     if rows is None:
         return family.visual_logits(model, h).float(), hidden
@@ -269,7 +283,7 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
     """
     logits, hidden = image_logits(model, batch, layout)
     codes = batch["image_codes"]  # [B, N]
-    N = codes.shape[1]
+    N = codes.shape[1] + len(family_for_layout(layout).forced_tokens)  # image tokens, forced ones included
     image_loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     metrics = {"image_loss": float(image_loss.detach())}
     loss = image_loss

@@ -141,3 +141,28 @@ def test_grpo_from_the_cli_runs_three_steps_and_saves_an_emu3_checkpoint(saved, 
     assert not torch.equal(before.state_dict()[name], after.state_dict()[name])
     final = load_policy(out / "final")
     assert final.layout.grid == GRID and final.family.forced_tokens == load_policy(path).family.forced_tokens
+
+
+def test_pretrain_sft_loss_scores_codes_only_with_forced_tokens_in_the_input(saved):
+    """The LM stage's batch holds the row ends where Emu3 expects them; the loss is the codes' cross-entropy over
+    the visual tokens, read from transformers' own full logits at the sampled positions."""
+    from argrpo.grpo.lm_stage import CodesCollator, visual_lm_loss
+
+    _, path = saved
+    pol = load_policy(path)
+    fam, tok = pol.family, pol.tokenizer
+    prompts = fam.encode_prompts(tok, ["a red circle", "two blue square"])
+    codes = torch.randint(0, pol.layout.codebook_size, (2, pol.layout.n_image_tokens), generator=torch.Generator()
+                          .manual_seed(0))
+    batch = CodesCollator(fam, tok.pad_token_id)([{"prompt_ids": p, "codes": c} for p, c in zip(prompts, codes)])
+    T = fam.completion_length
+    image = batch["input_ids"][:, -T:]
+    assert torch.equal(fam.completion_codes(image), codes.reshape(2, *GRID))
+    assert all(bool((image[:, p] == t).all()) for p, t in fam.forced_tokens.items())
+    loss, _ = visual_lm_loss(pol.model, batch, fam)
+    with torch.no_grad():
+        logits = pol.model(input_ids=fam.to_lm_ids(batch["input_ids"]), attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits[:, -T - 1:-1][:, fam.sampled_mask()]
+    visual = torch.tensor(pol.model.vocabulary_mapping.image_tokens)
+    ref = torch.nn.functional.cross_entropy(logits[..., visual].flatten(0, 1).float(), codes.flatten())
+    assert torch.allclose(loss, ref, atol=1e-5)
