@@ -125,11 +125,6 @@ class Emu3Family(ExtendedFamily):
         """LoRA on the language model only (a regex peft matches against full module names)."""
         return LORA_SCOPE.format(names="|".join(names))
 
-    def save(self, path, model, tokenizer, **kwargs):
-        from argrpo.models.policy import save_policy
-
-        return save_policy(path, model, tokenizer, self.layout, **kwargs)
-
     @classmethod
     def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
         from argrpo.models.policy import LoadedPolicy, _naming, _resolve_dtype
