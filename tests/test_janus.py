@@ -137,3 +137,13 @@ def test_lora_adapts_the_language_model_only(loaded):
     lora = apply_lora(model, r=4, alpha=8, family=loaded.family)
     adapted = {n.split(".lora_")[0] for n, _ in lora.named_parameters() if "lora_" in n}
     assert adapted and all("language_model" in n for n in adapted)
+
+
+def test_jacobi_greedy_equals_plain_greedy_with_cfg(loaded):
+    """Speculative Jacobi decoding runs through the same seam (drafts embed through generation_embeddings)."""
+    prompts = loaded.family.encode_prompts(loaded.tokenizer, CAPTIONS)
+    eng = _engine(loaded)
+    plain = eng.generate(prompts, SamplingParams(n=1, temperature=0.0, cfg_scale=3.0))
+    sjd = eng.generate(prompts, SamplingParams(n=1, temperature=0.0, cfg_scale=3.0, jacobi=True))
+    assert torch.equal(plain.completion_ids, sjd.completion_ids)
+    assert torch.allclose(plain.logprobs, sjd.logprobs, atol=1e-4)
