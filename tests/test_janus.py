@@ -112,6 +112,8 @@ def test_decode_gives_images_of_the_configured_size(loaded):
     roll = _engine(loaded).generate(prompts, SamplingParams(n=1, temperature=1.0, seed=1))
     images = loaded.image_decoder().decode(loaded.layout.ids_to_codes(roll.completion_ids))
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8
+    codes = loaded.image_decoder().encode(images)  # what an SFT token cache stores
+    assert codes.shape == (2, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < 512
 
 
 def test_save_then_transformers_from_pretrained_gives_equal_logits(loaded, tmp_path):
