@@ -206,17 +206,19 @@ def check_sharding(path: str | Path, strategy: str, processes: int) -> None:
     prompts_per_generation; ranks beyond N start from fresh RNG states). One process runs no FSDP and cannot load
     shards, and a DDP checkpoint (full weights, one optimizer state) does not load into shards: those are refused.
     """
+    from argrpo.errors import UserFileError
+
     sharded = read_run_state(path).get("sharded")
     where = Path(path) / RUN_FILE
     if sharded and (strategy != "fsdp" or processes < 2):
         n = sharded["world_size"]
-        raise ValueError(
+        raise UserFileError(
             f"{where}: written as FSDP shards by {n} learner processes; this run has {processes} process"
             f"{'es' if processes != 1 else ''} with distributed.strategy={strategy}, which cannot load shards. "
             f"Resume with distributed.strategy=fsdp on >= 2 processes (any count: the shards are redistributed), or "
             f"`argrpo export {path} OUT` and start a new run from OUT")
     if not sharded and strategy == "fsdp" and processes > 1:
-        raise ValueError(
+        raise UserFileError(
             f"{where}: written by a {read_run_state(path).get('config', {}).get('distributed', {}).get('strategy', 'ddp')}"
             f" run (full weights); this run shards over {processes} processes (distributed.strategy=fsdp). Resume "
             f"with distributed.strategy=ddp, or start a new FSDP run from it (policy.checkpoint={path})")
@@ -225,12 +227,14 @@ def check_sharding(path: str | Path, strategy: str, processes: int) -> None:
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """A sharded checkpoint -> a consolidated policy directory (``save_policy``: Hugging Face weights that
     transformers loads, tokenizer, argrpo.json; a LoRA run gives its adapter beside the base it names), in one
-    process, no process group needed. An unsharded checkpoint is copied as a policy too.
+    process, no process group needed. An unsharded checkpoint (GRPO step-N or pretrain/SFT checkpoint-N) is
+    rewritten as a policy too; a sharded pretrain/SFT checkpoint is refused (its config is not in it).
 
     The model is rebuilt as the run built it (the run file's ``policy`` config: the starting checkpoint, LoRA
     settings) and its weights are read from the shards with ``torch.distributed.checkpoint.load``.
     """
     from argrpo.config import from_dict
+    from argrpo.errors import UserFileError
     from argrpo.models.policy import (
         PolicyConfig,
         is_peft_model,
@@ -240,6 +244,14 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     )
 
     path = Path(path)
+    if not (path / RUN_FILE).is_file():  # a pretrain/SFT checkpoint-N (Trainer's files)
+        if is_sharded_checkpoint(path):
+            raise UserFileError(f"{path}: a pretrain/SFT checkpoint of shards; resume the stage from it "
+                             f"(train.resume) on >= 2 processes: its run directory ends as a consolidated policy")
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+        loaded = load_policy(path)
+        return save_policy_files(out, loaded.model, loaded.tokenizer, loaded.layout, loaded.image_tokenizer_path,
+                                 (read_policy_meta(path) or {}).get("base_model"), extra={"stage_step": step})
     state = read_run_state(path)
     if not is_sharded_checkpoint(path):
         loaded = load_policy(path)

@@ -301,11 +301,30 @@ def visual_lm_loss(model, batch: dict, layout, text_loss_weight: float = 0.0) ->
 
 
 def _sharded_loss(model):
-    """``visual_lm_loss`` bound to ``model``; on an FSDP2 model it runs as a registered forward method
-    (``register_fsdp_forward_method``), so the root's parameters are gathered and its gradients reduce-scattered
-    as in ``forward`` (the loss calls the decoder and reads the head rows directly, bypassing the root's hooks)."""
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    """``visual_lm_loss`` bound to ``model``, run where the data-parallel wrapper sees it as a forward pass.
 
+    The loss calls the decoder and reads the LM head's rows itself, so a wrapper's hooks on ``forward`` would be
+    bypassed: under DDP the gradients would never be all-reduced (each process would train on its own rows),
+    under FSDP2 the root's parameters never gathered. DDP: the wrapped module's ``forward`` computes the loss when
+    called with ``argrpo_visual_lm_loss=(batch, layout, text_loss_weight)``, and the loss goes through
+    ``DistributedDataParallel.forward``. FSDP2: the loss is a registered forward method
+    (``register_fsdp_forward_method``).
+    """
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        inner = model.module
+        if not hasattr(inner, "_argrpo_plain_forward"):
+            inner._argrpo_plain_forward = inner.forward
+
+            def forward(self, *args, argrpo_visual_lm_loss=None, **kwargs):
+                if argrpo_visual_lm_loss is None:
+                    return self._argrpo_plain_forward(*args, **kwargs)
+                return visual_lm_loss(self, *argrpo_visual_lm_loss)
+
+            inner.forward = types.MethodType(forward, inner)
+        return lambda batch, layout, w: model(argrpo_visual_lm_loss=(batch, layout, w))
     if not isinstance(model, FSDPModule):
         return lambda batch, layout, w: visual_lm_loss(model, batch, layout, w)
     if not hasattr(model, "argrpo_visual_lm_loss"):
@@ -391,8 +410,8 @@ def _trainer_class():
 
             run_dir = Path(super()._get_output_dir(trial))
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if self.is_fsdp_enabled:
-                return self._save_sharded_checkpoint(model, trial, run_dir, name)
+            if self.args.world_size > 1:
+                return self._save_checkpoint_together(model, trial, run_dir, name)
             recover_all(run_dir)  # temp dirs of a save or a deletion that was killed
             with atomic_dir(run_dir / name) as tmp:
                 self._staging = tmp
@@ -409,9 +428,17 @@ def _trainer_class():
                 for old in complete_checkpoints(run_dir)[:-limit]:
                     remove_dir(old)
 
-        def _save_sharded_checkpoint(self, model, trial, run_dir: Path, name: str):
-            """FSDP2: every process writes its shards (Trainer's own FSDP save) into one temp dir the main process
-            created; the main process renames it into place once all are done (as ``_save_checkpoint``)."""
+        def _save_rng_state(self, output_dir):
+            # several processes: straight into the shared temp dir, not into its checkpoint-N subdir, which the
+            # main process's save_policy (atomic) may replace after another process wrote its RNG state there
+            if self._staging is not None and self.args.world_size > 1:
+                output_dir = str(self._staging)
+            super()._save_rng_state(output_dir)
+
+        def _save_checkpoint_together(self, model, trial, run_dir: Path, name: str):
+            """Several processes: every one writes its part (its RNG state; under FSDP2 its weight and optimizer
+            shards) into one temp dir the main process created, which it renames into place once all are done (a
+            temp dir per process would each be renamed to ``checkpoint-N`` in turn, keeping one process's part)."""
             from contextlib import nullcontext
 
             import torch.distributed as dist
@@ -650,7 +677,7 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     from argrpo.grpo.sharding import consolidated_model
 
     model = consolidated_model(trainer.model)  # under FSDP2 a collective: the main process gets the full weights
-    if trainer.is_world_process_zero() or not trainer.is_fsdp_enabled:
+    if trainer.is_world_process_zero():  # replicas hold the same weights; FSDP2 gathered them here
         _publish(output_dir, model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
                  extra={"stage_step": int(trainer.state.global_step)})
     trainer.accelerator.wait_for_everyone()  # the next stage may load output_dir on any process

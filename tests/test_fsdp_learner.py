@@ -251,23 +251,29 @@ def test_fsdp_lora_pushes_adapter_tensors_only_and_samples_like_one_process(tmp_
 
 
 # ---- pretrain / SFT ------------------------------------------------------------------------------------------------
-def test_pretrain_and_sft_under_fsdp_equal_one_process_on_the_same_global_batch(vq_dir, tmp_path):
-    """2 ranks x 8 rows under FSDP2 train as one process on 16 rows (the loss is a mean over the batch, FSDP2
-    averages the two ranks' gradients): same weights within ATOL after 3 pretraining steps (measured: 6e-8)."""
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_pretrain_and_sft_on_two_ranks_equal_one_process_on_the_same_global_batch(vq_dir, tmp_path, strategy):
+    """2 ranks x 8 rows train as one process on 16 rows (the loss is a mean over the batch; FSDP2's reduce-scatter
+    and DDP's all-reduce average the two ranks' gradients): same weights within ATOL after 3 pretraining steps
+    (measured: 6e-8 for both). The loss calls the decoder itself, so it must still pass the wrapper's forward
+    hooks: without them DDP never all-reduced and the ranks drifted apart (8.7e-3 here)."""
     from argrpo.config import load_config
     from argrpo.grpo.lm_stage import PretrainConfig, complete_checkpoints, run_lm_stage
     from argrpo.models.policy import load_policy
     from fsdp_lm_stage import overrides
     from transformers import AutoModelForCausalLM
 
-    proc = launch(TESTS / "fsdp_lm_stage.py", vq_dir, tmp_path / "fsdp", "fsdp")
+    proc = launch(TESTS / "fsdp_lm_stage.py", vq_dir, tmp_path / "fsdp", strategy)
     assert proc.returncode == 0, failure(proc)
     ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in range(NPROC)]
     assert [r["pre"]["steps"] for r in ranks] == [3, 3] and [r["sft"]["steps"] for r in ranks] == [2, 2]
-    # checkpoints (step 2, and the last step as Trainer adds) hold shards, resumable by Trainer's own FSDP path
+    # checkpoints (step 2, and the last step as Trainer adds); FSDP's hold shards, resumable by Trainer's own path
     ckpts = complete_checkpoints(tmp_path / "fsdp" / "pre")
     assert [p.name for p in ckpts] == ["checkpoint-2", "checkpoint-3"]
-    assert all((p / "pytorch_model_fsdp_0").is_dir() and (p / "optimizer_0").is_dir() for p in ckpts)
+    sharded = [(p / "pytorch_model_fsdp_0").is_dir() and (p / "optimizer_0").is_dir() for p in ckpts]
+    assert sharded == [strategy == "fsdp"] * 2
+    # one directory per checkpoint holds every process's part (each rank's RNG state)
+    assert all((p / f"rng_state_{r}.pth").is_file() for p in ckpts for r in range(NPROC))
 
     one = run_lm_stage(load_config(PretrainConfig, None, overrides(
         tmp_path / "one", str(vq_dir), tmp_path / "fsdp" / "cache", "ddp", steps=3, batch=8 * NPROC)))
