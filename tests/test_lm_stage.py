@@ -20,6 +20,7 @@ from argrpo.models.image_tokenizers.vq import VQTokenizer
 from argrpo.models.layout import layout_preset
 from argrpo.models.policy import build_policy, load_policy
 from argrpo.models.text_tokenizer import build_text_tokenizer
+from argrpo.models.unwrap import unwrap_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -147,7 +148,7 @@ def test_bf16_setting_reaches_the_loss(vq_dir, tmp_path, monkeypatch, bf16):
 
     def spy(model, batch, layout, text_loss_weight=0.0):
         loss, metrics = visual_lm_loss(model, batch, layout, text_loss_weight)
-        w = lm_stage._hf_model(model).get_output_embeddings().weight
+        w = unwrap_model(model).get_output_embeddings().weight
         seen.append((torch.is_autocast_enabled("cpu"), torch.mm(w[:2], w[:2].T).dtype))
         return loss, metrics
 
