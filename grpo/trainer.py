@@ -250,16 +250,16 @@ def build_run(cfg: GRPORunConfig, eval_fn=None) -> GRPORun:
     P = cfg.grpo.prompts_per_generation
     dataset = prompt_stream(specs, P, generations_needed(cfg), cfg.seed, cfg.data.shuffle)
 
-    stats = StepStats()
-    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
-                                               pool_config=cfg.reward_pool,
-                                               pending_timeout_s=cfg.ray_pending_timeout_s)
     if cfg.actor_requests():
         from argrpo.cluster import check_resources, init_ray
 
         init_ray()
         # all of the run's actors at once: each pool alone may fit where both together never would
         check_resources(cfg.actor_requests(), "grpo run")
+    stats = StepStats()
+    reward_funcs, weights = build_reward_funcs(cfg.rewards, stats, actors=cfg.reward_actors,
+                                               pool_config=cfg.reward_pool,
+                                               pending_timeout_s=cfg.ray_pending_timeout_s)
     pools: list = []
     try:
         return _build_run(cfg, eval_fn, device, out, P, dataset, stats, reward_funcs, weights, pools)
