@@ -239,8 +239,36 @@ def rows_soak(name: str, d: dict) -> list[dict]:
     return out
 
 
+def rows_family_rollout(name: str, d: dict) -> list[dict]:
+    """janus_rollout / emu3_rollout: the torch engine against transformers' own generate, same outputs."""
+    c = d["config"]
+    setup = f"{c['shape']} shape, {c['layers']} layers, {c.get('image_tokens') or c.get('tokens_per_image')} tokens"
+    # janus_rollout's "speedup" is by CPU time, emu3_rollout's by wall time; each names the other
+    cpu = d["speedup_cpu"] if "speedup_cpu" in d else d["speedup"]
+    wall = d["speedup_wall"] if "speedup_wall" in d else d["speedup"]
+    return [
+        _row(name, f"torch engine / transformers generate, CPU time ({setup}, CFG {c['cfg']:g})", cpu, None, ">= 3",
+             cpu >= 3),
+        _row(name, f"torch engine / transformers generate, wall time ({setup})", wall),
+        _row(name, "check: greedy tokens equal", float(d["greedy_token_match"]), None, "== 1 (equal outputs)",
+             d["greedy_token_match"] == 1.0),
+    ]
+
+
+def rows_fsdp_memory(name: str, d: dict) -> list[dict]:
+    out = []
+    for variant, r in d["ratios"].items():
+        x = r["learner_fsdp_over_ddp"]
+        out.append(_row(name, f"fsdp / ddp per-rank params + grads + optimizer ({variant})", x, None, "<= 0.6",
+                        x <= 0.6))
+        out.append(_row(name, f"fsdp / ddp peak RSS ({variant})", r["peak_rss_fsdp_over_ddp"]))
+        out.append(_row(name, f"fsdp / ddp step time ({variant})", r["step_time_fsdp_over_ddp"]))
+    return out
+
+
 READERS = {"rollout": rows_rollout, "step": rows_step, "memory": rows_memory, "scaling": rows_scaling,
-           "shapes_world": rows_shapes_world, "soak": rows_soak}
+           "shapes_world": rows_shapes_world, "soak": rows_soak,
+           "janus_rollout": rows_family_rollout, "emu3_rollout": rows_family_rollout, "fsdp_memory": rows_fsdp_memory}
 
 
 @dataclass(frozen=True)
@@ -269,10 +297,14 @@ HEADLINES = [
     Headline("rollout: greedy tokens equal HF generate's (CFG 3)", ("rollout",), "check: greedy match cfg3"),
     Headline("decode: torch engine model FLOP/s / matmul peak (CFG, 128 rows)", ("rollout",),
              "torch model FLOP/s / matmul peak (cfg"),
-    Headline("Janus-Pro-shaped rollout: torch engine / transformers generate, CFG 5", ("janus_rollout",), "torch / "),
+    Headline("Janus-Pro-1B-shaped rollout: torch engine / transformers' Janus generate, CFG 5", ("janus_rollout",),
+             "torch engine / transformers generate, CPU"),
+    Headline("Emu3-Gen-shaped rollout: torch engine / transformers' Emu3 generate, CFG 3", ("emu3_rollout",),
+             "torch engine / transformers generate, CPU"),
     Headline("GRPO step: async / sync step time", ("step",), "async / sync step time"),
     Headline("memory: LoRA / full fine-tuning peak RSS", ("memory",), "LoRA / full peak RSS"),
-    Headline("memory: FSDP2 / DDP per-rank params + grads + optimizer (2 ranks)", ("fsdp_memory",), "fsdp / ddp"),
+    Headline("memory: FSDP2 / DDP per-rank params + grads + optimizer (2 ranks)", ("fsdp_memory",),
+             "fsdp / ddp per-rank params + grads + optimizer (full)"),
     Headline("Ray: rollout images/s, 2 workers / 1 (2 cores)", ("scaling", "scaling_quick"), "2 Ray workers / 1"),
     Headline("Jacobi decoding on the shapes policy, no CFG (passes; step ratio over plain sampling)", ("jacobi",),
              "shapes 1"),
@@ -283,6 +315,10 @@ HEADLINES = [
 def setup_of(d: dict) -> str:
     """A result file's model and batch in a few words, from its ``config`` (rollout-style benchmarks)."""
     c = d.get("config")
+    if isinstance(c, dict) and "shape" in c:  # janus_rollout / emu3_rollout
+        tokens = c.get("image_tokens") or c.get("tokens_per_image")
+        return (f"{c['shape']} widths, {c['layers']} layers, {tokens} tokens, "
+                f"{c['prompts'] * c['samples_per_prompt']} images a call")
     if not isinstance(c, dict) or "n_image_tokens" not in c:
         return ""
     parts = [f"{c['params'] / 1e6:.0f}M params" if c.get("params") else "",
