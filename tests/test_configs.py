@@ -59,7 +59,12 @@ def test_header_gives_the_command_line(path):
     first = path.read_text().splitlines()[0]
     words = first.split()
     rel = str(path.relative_to(ROOT))
-    assert words[:2] == ["#", "argrpo"] and words[2] in COMMANDS, f"{rel}: first line must be '# argrpo <command> ...'"
+    # '# argrpo <command> ...', or for recipes that need several processes the launcher form
+    # '# python -m torch.distributed.run ... -m argrpo <command> ...'
+    launched = words[:2] == ["#", "python"] and "torch.distributed.run" in words and "argrpo" in words
+    at = words.index("argrpo") if launched else 1
+    assert (words[:2] == ["#", "argrpo"] or launched) and words[at + 1] in COMMANDS, \
+        f"{rel}: first line must be '# argrpo <command> ...' (or its torch.distributed.run form)"
     assert rel in words, f"{rel}: the header command line must name the file itself, got {first!r}"
 
 
