@@ -80,13 +80,17 @@ def visual_token_logprobs(
         raise ValueError(f"temperature must be > 0 to score samples, got {temperature}")
     rows = max(1, chunk_elements // max(1, weight.shape[0]))
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _in_chunks(lambda h, c: _chunk_logprobs(h, weight, bias, c, float(temperature)), hidden, codes, rows,
+                      need_grad)
+
+
+def _in_chunks(fn, hidden: torch.Tensor, codes: torch.Tensor, rows: int, need_grad: bool):
+    """``fn(hidden [m, H], codes [m]) -> (logp [m], entropy [m])`` over chunks of ``rows`` rows, each under activation
+    checkpointing when gradients flow (so no chunk's logits outlive it) -> concatenated float32 [M], [M]."""
     logps, ents = [], []
     for s in range(0, hidden.shape[0], rows):
-        args = (hidden[s : s + rows], weight, bias, codes[s : s + rows], float(temperature))
-        if need_grad:
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
+        args = (hidden[s : s + rows], codes[s : s + rows])
+        lp, ent = checkpoint(fn, *args, use_reentrant=False) if need_grad else fn(*args)
         logps.append(lp)
         ents.append(ent)
     if not logps:
@@ -112,19 +116,8 @@ def family_token_logprobs(family, model, hidden: torch.Tensor, codes: torch.Tens
     rows = max(1, chunk_elements // max(1, family.layout.codebook_size))
     need_grad = torch.is_grad_enabled()
 
-    def chunk(h, c):
-        return _logprobs_entropy(family.visual_logits(model, h), c, float(temperature))
-
-    logps, ents = [], []
-    for s in range(0, hidden.shape[0], rows):
-        args = (hidden[s : s + rows], codes[s : s + rows])
-        lp, ent = checkpoint(chunk, *args, use_reentrant=False) if need_grad else chunk(*args)
-        logps.append(lp)
-        ents.append(ent)
-    if not logps:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(ents)
+    return _in_chunks(lambda h, c: _logprobs_entropy(family.visual_logits(model, h), c, float(temperature)), hidden,
+                      codes, rows, need_grad)
 
 
 def install_visual_head(model, layout, temperature: float, chunk_elements: int = CHUNK_ELEMENTS) -> None:

@@ -17,7 +17,9 @@ What a family answers:
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,11 +34,14 @@ class ModelFamily(ABC):
         name: family name (argrpo.json ``family``, config ``policy.family``).
         model_types: config.json ``model_type`` values this family loads as shipped (none: only via argrpo.json).
         vllm: whether the vLLM engine can generate this family.
+        lora_module: the submodule LoRA is limited to (the language model of a model that also holds a vision
+            tower or VQ-VAE with layers of the same names); None: every matching layer.
     """
 
     name: str = ""
     model_types: tuple[str, ...] = ()
     vllm: bool = False
+    lora_module: str | None = None
 
     def __init__(self, layout: TokenLayout):
         self.layout = layout
@@ -126,6 +131,60 @@ class ModelFamily(ABC):
 
         return save_policy(path, model, tokenizer, self.layout, **kwargs)  # records the family it detects
 
+    def lora_targets(self, names: list[str]):
+        """peft ``target_modules`` for these layer names: the names, or a regex that keeps them inside
+        ``lora_module``."""
+        if self.lora_module is None:
+            return names
+        return rf".*{self.lora_module}\..*\.({'|'.join(names)})"
+
     def rollout_model(self, model):
         """Drop what a rollout worker never runs (in place; returns the model). Default: nothing."""
         return model
+
+
+def adapter_base(path: Path, meta: dict | None) -> tuple[bool, Path]:
+    """(is this a LoRA adapter directory, the directory of the full model its weights load from).
+
+    The base comes from argrpo.json's ``base_model`` or peft's ``base_model_name_or_path``, relative to ``path``
+    unless absolute; a base that is not a model directory is a ``FileNotFoundError`` naming both.
+    """
+    if not (path / "adapter_config.json").is_file():
+        return False, path
+    ref = (meta or {}).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    base = Path(ref) if ref and Path(ref).is_absolute() else (path / (ref or "")).resolve()
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: base model {base} of this LoRA checkpoint not found")
+    return True, base
+
+
+def load_hf_weights(model_cls, path: Path, base: Path, is_adapter: bool, dtype=None, trainable: bool = False):
+    """``model_cls.from_pretrained(base)``, then the adapter at ``path`` when ``is_adapter`` (only its LoRA tensors
+    trainable, and only when ``trainable``). Local files only: nothing is downloaded."""
+    from argrpo.models.policy import _naming, _resolve_dtype
+
+    kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
+    with _naming(base):
+        model = model_cls.from_pretrained(str(base), local_files_only=True, **kwargs)
+    if is_adapter:
+        from peft import PeftModel
+
+        with _naming(path):
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable and "lora_" in name)
+    return model
+
+
+def load_shipped(family: type[ModelFamily], model_cls, path, meta, expected, dtype, trainable):
+    """The start of loading a family's own Hugging Face directory (full or LoRA): refuse a config that names another
+    family, then the tokenizer and the weights -> (absolute path, tokenizer, model)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).absolute()
+    if isinstance(expected, str) and expected != family.name:
+        raise ValueError(f"checkpoint {path} is a {family.name!r} model; the config expects {expected!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    is_adapter, base = adapter_base(path, meta)
+    return path, tokenizer, load_hf_weights(model_cls, path, base, is_adapter, dtype, trainable)

@@ -21,11 +21,8 @@ lie past the LM vocabulary (the tokenizer itself holds the visual tokens) and ar
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from argrpo.models.families.base import unwrap_model
+from argrpo.models.families.base import load_shipped, unwrap_model
 from argrpo.models.families.extended import ExtendedFamily, ExtendedSpec
 from argrpo.models.layout import TokenLayout
 
@@ -34,7 +31,6 @@ ROW_END = "<|extra_200|>"
 # the processor's defaults (Emu3ProcessorKwargs): a square image of this many pixels
 DEFAULT_IMAGE_AREA = 518400
 # the language model's projections; Emu3VQVAE's attention blocks have q_proj/k_proj/v_proj too, never adapted
-LORA_SCOPE = r".*text_model\..*\.({names})"
 
 
 def _special(tokenizer, attr: str, default: str) -> str:
@@ -103,6 +99,7 @@ class Emu3Family(ExtendedFamily):
     name = "emu3"
     model_types = ("emu3",)
     vllm = False
+    lora_module = "text_model"  # the VQ-VAE has q_proj/k_proj/v_proj too
 
     def decoder(self, model):
         return unwrap_model(model).model.text_model
@@ -121,37 +118,12 @@ class Emu3Family(ExtendedFamily):
         unwrap_model(model)._argrpo_dropped = ("model.vqmodel.encoder.",)
         return model
 
-    def lora_targets(self, names):
-        """LoRA on the language model only (a regex peft matches against full module names)."""
-        return LORA_SCOPE.format(names="|".join(names))
-
     @classmethod
     def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
-        from argrpo.models.policy import LoadedPolicy, _naming, _resolve_dtype
-        from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+        from argrpo.models.policy import LoadedPolicy
+        from transformers import Emu3ForConditionalGeneration
 
-        path = Path(path).absolute()
-        if isinstance(expected, str) and expected != cls.name:
-            raise ValueError(f"checkpoint {path} is a {cls.name!r} model; the config expects {expected!r}")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
-        is_adapter = (path / "adapter_config.json").is_file()
-        base_path = path
-        if is_adapter:
-            ref = (meta or {}).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
-            base_path = Path(ref) if ref and Path(ref).is_absolute() else (path / (ref or "")).resolve()
-            if not (base_path / "config.json").is_file():
-                raise FileNotFoundError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
-        with _naming(base_path):
-            model = Emu3ForConditionalGeneration.from_pretrained(str(base_path), local_files_only=True, **kwargs)
-        if is_adapter:
-            from peft import PeftModel
-
-            with _naming(path):
-                model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-            for name, p in model.named_parameters():
-                p.requires_grad_(trainable and "lora_" in name)
+        path, tokenizer, model = load_shipped(cls, Emu3ForConditionalGeneration, path, meta, expected, dtype, trainable)
         opts = dict(layout_kwargs or {})
         saved = TokenLayout.from_dict(meta["layout"]) if meta else None
         grid = opts.pop("grid", None) or (saved.grid if saved is not None else None)

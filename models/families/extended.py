@@ -22,13 +22,12 @@ directory argrpo.json records (the built-in VQ or Cosmos) or ``spec.image_decode
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from argrpo.models.families.base import ModelFamily, unwrap_model
+from argrpo.models.families.base import ModelFamily, adapter_base, load_hf_weights, unwrap_model
 from argrpo.models.layout import TokenLayout
 
 SPEC_KEY = "extended"
@@ -262,21 +261,14 @@ class ExtendedFamily(ModelFamily):
     def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
         """A causal-LM directory (full or LoRA) with argrpo.json, or as shipped with ``layout_kwargs`` (the run
         config's ``policy.layout_options``; ``image_tokenizer``: the image tokenizer directory)."""
-        from argrpo.models.policy import LoadedPolicy, _naming, _resolve_dtype
+        from argrpo.models.policy import LoadedPolicy
         from argrpo.models.text_tokenizer import load_text_tokenizer
         from transformers import AutoConfig, AutoModelForCausalLM
 
         path = Path(path).absolute()
         opts = dict(layout_kwargs or {})
         image_tokenizer = opts.pop("image_tokenizer", None)
-        is_adapter = (path / "adapter_config.json").is_file()
-        base_path = path
-        if is_adapter:
-            ref = (meta or {}).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
-            base_path = Path(ref) if ref and Path(ref).is_absolute() else (path / (ref or "")).resolve()
-            if not (base_path / "config.json").is_file():
-                raise FileNotFoundError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
+        is_adapter, base_path = adapter_base(path, meta)
         tokenizer = load_text_tokenizer(path)
         config = AutoConfig.from_pretrained(str(base_path), local_files_only=True)
         vocab = int(config.get_text_config().vocab_size)
@@ -295,16 +287,7 @@ class ExtendedFamily(ModelFamily):
         family = cls.resolve(layout, tokenizer, vocab)
         if isinstance(expected, TokenLayout):
             expected.check_compatible(family.layout, what=f"checkpoint {path}")
-        kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
-        with _naming(base_path):
-            model = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, **kwargs)
-        if is_adapter:
-            from peft import PeftModel
-
-            with _naming(path):
-                model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-            for name, p in model.named_parameters():
-                p.requires_grad_(trainable and "lora_" in name)
+        model = load_hf_weights(AutoModelForCausalLM, path, base_path, is_adapter, dtype, trainable)
         family.check_vocab(model, f"checkpoint {path}")
         model.to(device)
         if not trainable:

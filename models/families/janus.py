@@ -16,17 +16,13 @@ prompt with every token except BOS and ``<begin_of_image>`` replaced by the pad 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from argrpo.models.families.base import ModelFamily, unwrap_model
+from argrpo.models.families.base import ModelFamily, load_shipped, unwrap_model
 from argrpo.models.layout import TokenLayout
 
 BOI_TOKEN = "<begin_of_image>"
 PROMPT_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:"
 # the language model's projections; the SigLIP understanding tower has modules of the same names, never adapted
-LORA_SCOPE = r".*language_model\..*\.({names})"
 
 
 class JanusImageDecoder:
@@ -88,6 +84,7 @@ class JanusFamily(ModelFamily):
     name = "janus"
     model_types = ("janus",)
     vllm = False
+    lora_module = "language_model"  # not the vision tower
 
     def decoder(self, model):
         return unwrap_model(model).model.language_model
@@ -149,37 +146,12 @@ class JanusFamily(ModelFamily):
         unwrap_model(model)._argrpo_dropped = ("model.vision_model.", "model.aligner.")
         return model
 
-    def lora_targets(self, names):
-        """LoRA on the language model only (a regex peft matches against full module names)."""
-        return LORA_SCOPE.format(names="|".join(names))
-
     @classmethod
     def load(cls, path, meta, expected=None, device="cpu", dtype=None, trainable=False, layout_kwargs=None):
-        from argrpo.models.policy import LoadedPolicy, _naming, _resolve_dtype
-        from transformers import AutoTokenizer, JanusForConditionalGeneration
+        from argrpo.models.policy import LoadedPolicy
+        from transformers import JanusForConditionalGeneration
 
-        path = Path(path).absolute()
-        if isinstance(expected, str) and expected != cls.name:
-            raise ValueError(f"checkpoint {path} is a {cls.name!r} model; the config expects {expected!r}")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
-        is_adapter = (path / "adapter_config.json").is_file()
-        base_path = path
-        if is_adapter:
-            ref = (meta or {}).get("base_model") or json.loads((path / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
-            base_path = Path(ref) if ref and Path(ref).is_absolute() else (path / (ref or "")).resolve()
-            if not (base_path / "config.json").is_file():
-                raise FileNotFoundError(f"{path}: base model {base_path} of this LoRA checkpoint not found")
-        with _naming(base_path):
-            model = JanusForConditionalGeneration.from_pretrained(str(base_path), local_files_only=True, **kwargs)
-        if is_adapter:
-            from peft import PeftModel
-
-            with _naming(path):
-                model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-            for name, p in model.named_parameters():
-                p.requires_grad_(trainable and "lora_" in name)
+        path, tokenizer, model = load_shipped(cls, JanusForConditionalGeneration, path, meta, expected, dtype, trainable)
         layout = janus_layout(unwrap_model(model).config, tokenizer)
         if isinstance(expected, TokenLayout):
             expected.check_compatible(layout, what=f"checkpoint {path}")
