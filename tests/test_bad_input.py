@@ -221,7 +221,9 @@ def test_missing_policy_checkpoint(world, plugins, tmp_path):
 
 def test_checkpoint_of_a_different_layout(world, plugins, tmp_path):
     ckpt = world["policy"]
-    with pytest.raises(ValueError, match=f"checkpoint {ckpt} layout mismatch on 'codebook_size': expected 64000"):
+    # the checkpoint's own argrpo.json is the authority; a config naming another layout preset is refused
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt}: layout mismatch on 'name': expected 'simplear', "
+                                         f"found 'shapes'"):
         train(cfg_of(world, tmp_path / "out", **{"policy.layout": "simplear"}))
     assert not (tmp_path / "out").exists()  # refused before the run directory was made
 

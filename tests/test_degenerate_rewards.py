@@ -43,7 +43,9 @@ def plugins(world, tmp_path, monkeypatch):
 
 def one_step(world, out, **kw):
     """Train one step; returns (the step's advantages [P*G], its log line, its metrics.jsonl row)."""
-    run = build_run(load_config(GRPORunConfig, None, run_overrides(world, out, **{"grpo.max_steps": 1, **kw})))
+    # every group's advantages are looked at, so tied groups are kept (skip_zero_advantage would drop them first)
+    sets = run_overrides(world, out, **{"grpo.max_steps": 1, "grpo.skip_zero_advantage": False, **kw})
+    run = build_run(load_config(GRPORunConfig, None, sets))
     seen = []
     score = run.trainer._generate_and_score_completions
 

@@ -324,7 +324,9 @@ class TorchScriptDecoder:
 
     def __init__(self, path: str | Path, layout: TokenLayout):
         self.path = Path(path)
-        self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+        from argrpo.models.image_tokenizers.cosmos import load_torchscript
+
+        self.module = load_torchscript(self.path)
         self.codebook_size, self.grid = layout.codebook_size, layout.grid
 
     @torch.no_grad()

@@ -90,6 +90,16 @@ def video_to_images(video: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous().cpu()
 
 
+def load_torchscript(path: str | Path, device="cpu") -> torch.nn.Module:
+    """A TorchScript module file, in eval mode. TorchScript is a restricted language (no Python objects are
+    unpickled), but it is still code from that file: the one place argrpo loads such files."""
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream, but it is the format Cosmos ships its tokenizers in
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location=device)
+    return module.eval()
+
+
 @register_image_tokenizer("cosmos")
 class CosmosTokenizer:
     """ImageTokenizer over Cosmos TorchScript files (loaded lazily: generation only ever needs the decoder).
@@ -146,11 +156,7 @@ class CosmosTokenizer:
         f = self.path / name
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (needed for {'encode' if name == ENCODER_FILE else 'decode'})")
-        with warnings.catch_warnings():
-            # TorchScript is deprecated upstream, but it is the format Cosmos ships its tokenizers in
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(f), map_location=self.device)
-        module.eval()
+        module = load_torchscript(f, self.device)
         # Cosmos ships bfloat16 weights; casting also lets a CPU run them in float32
         return module.to(self.dtype)
 
