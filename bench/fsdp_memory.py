@@ -69,28 +69,17 @@ def run_rank(variant: str, steps: int, out: Path) -> None:
     torch.set_num_threads(1)
     from argrpo.grpo.sharding import DistributedConfig, set_plugin_precision, training_arguments
     from argrpo.grpo.trainer import ARGRPOTrainer
-    from argrpo.models.layout import TokenLayout
-    from argrpo.models.policy import apply_lora, build_policy
-    from argrpo.models.text_tokenizer import build_text_tokenizer
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    from bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+    from bench.memory import bench_policy, peak_rss_mib, reset_peak_rss, rss_mib
 
     strategy, tuning = variant.split("/")
     rank = int(os.environ["RANK"])
     text_vocab, codebook, grid, G, prompt_len = 32_000, 4_096, (16, 16), 4, 24
-    layout = TokenLayout(name="custom", text_vocab_size=text_vocab, visual_offset=text_vocab, codebook_size=codebook,
-                         grid=grid, image_size=(grid[0] * 8, grid[1] * 8))
-    model = build_policy(layout, size="bench", seed=0)
+    layout, model, peft_config, tok = bench_policy(text_vocab, codebook, grid, "bench", tuning)
     n_params = sum(p.numel() for p in model.parameters())
-    peft_config = None
-    if tuning == "lora":
-        wrapped = apply_lora(model)
-        peft_config = wrapped.peft_config["default"]
-        model = wrapped.unload()
-    tok = build_text_tokenizer(["a", "photo", "of"], special_tokens=("<|pad|>",))
     N, B = layout.n_image_tokens, G  # one prompt group per rank and step
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, text_vocab, (prompt_len,), generator=g).tolist()

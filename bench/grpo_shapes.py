@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="grpo_shapes")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="only combine these result files (same SFT) into --name's table and curves")
+                   help="only combine these result files (same SFT; the ones in results/raw/, which keep per-step metrics) "
+                        "into --name's table and curves")
     args = p.parse_args(argv)
 
     from argrpo.config import load_config
@@ -215,10 +216,17 @@ def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[s
         tag_rows.append({"policy": label.rstrip(),
                          **{t: f"{r['final']['tags'][t]['acc']:.3f} ± {r['final']['tags'][t]['se']:.3f}"
                             for t in tags}})
-    png = (results_dir or Path(__file__).resolve().parent / "results") / f"{name}_curves.png"
+    out_dir = results_dir or Path(__file__).resolve().parent / "results"
+    png = out_dir / f"{name}_curves.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, sft["overall"], png)
-    _, md = write_results(name, {"sft": sft, "runs": runs, **extra, "environment": environment(run_threads(runs))},
+    # per-step metrics go to raw/ (git-ignored; --merge reads them from there); the result of record keeps summaries
+    raw = out_dir / "raw" / f"{name}.json"
+    raw.parent.mkdir(exist_ok=True)
+    raw.write_text(json.dumps({"name": name, "sft": sft, "runs": runs, **extra}))
+    record = [{k: v for k, v in r.items() if k != "metrics"} for r in runs]
+    _, md = write_results(name, {"sft": sft, "runs": record, **extra, "raw": f"per-step metrics: raw/{raw.name}",
+                                 "environment": environment(run_threads(runs))},
                           [run_row(sft, r) for r in runs], notes=notes + [f"curves: {png.name}"],
                           out_dir=results_dir)
     md.write_text(md.read_text() + "\n## Held-out accuracy per tag (± SE over prompts)\n\n"

@@ -131,6 +131,28 @@ def install_full_logits_head(model, n_completion: int, temperature: float) -> No
     model.forward = types.MethodType(forward, model)
 
 
+
+def bench_policy(text_vocab: int, codebook: int, grid: tuple[int, int], size: str, tuning: str):
+    """A random policy in a custom layout -> (layout, model, peft config or None, word-level text tokenizer).
+
+    ``tuning == "lora"`` returns the base model with the adapter's config, as grpo.trainer.build_run hands a fresh
+    adapter to TRL, which wraps the model itself.
+    """
+    from argrpo.models.layout import TokenLayout
+    from argrpo.models.policy import apply_lora, build_policy
+    from argrpo.models.text_tokenizer import build_text_tokenizer
+
+    layout = TokenLayout(name="custom", text_vocab_size=text_vocab, visual_offset=text_vocab, codebook_size=codebook,
+                         grid=grid, image_size=(grid[0] * 8, grid[1] * 8))
+    model = build_policy(layout, size=size, seed=0)
+    peft_config = None
+    if tuning == "lora":
+        wrapped = apply_lora(model)
+        peft_config = wrapped.peft_config["default"]
+        model = wrapped.unload()
+    return layout, model, peft_config, build_text_tokenizer(["a", "photo", "of"], special_tokens=("<|pad|>",))
+
+
 def run_variant(cfg: MemConfig, tuning: str, head: str, threads: int) -> dict:
     """Build the policy and learner in this process, run ``cfg.steps`` learner steps, return the RSS figures."""
     t_start = time.perf_counter()
@@ -138,24 +160,12 @@ def run_variant(cfg: MemConfig, tuning: str, head: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from argrpo.grpo.trainer import ARGRPOTrainer
-    from argrpo.models.layout import TokenLayout
-    from argrpo.models.policy import apply_lora, build_policy
-    from argrpo.models.text_tokenizer import build_text_tokenizer
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     rss_imports = rss_mib()
-    layout = TokenLayout(name="custom", text_vocab_size=cfg.text_vocab, visual_offset=cfg.text_vocab,
-                         codebook_size=cfg.codebook, grid=cfg.grid, image_size=(cfg.grid[0] * 8, cfg.grid[1] * 8))
-    model = build_policy(layout, size=cfg.size, seed=0)
+    layout, model, peft_config, tok = bench_policy(cfg.text_vocab, cfg.codebook, cfg.grid, cfg.size, tuning)
     n_params = sum(p.numel() for p in model.parameters())
-    peft_config = None
-    if tuning == "lora":
-        # as grpo.trainer.build_run does for a fresh adapter: TRL wraps the model from the peft config
-        wrapped = apply_lora(model)
-        peft_config = wrapped.peft_config["default"]
-        model = wrapped.unload()
-    tok = build_text_tokenizer(["a", "photo", "of"], special_tokens=("<|pad|>",))
 
     N, B = layout.n_image_tokens, cfg.P * cfg.G
     g = torch.Generator().manual_seed(0)
