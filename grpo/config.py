@@ -34,6 +34,7 @@ from argrpo.config import require_at_least
 from argrpo.grpo.evaluate import EvalSettings
 from argrpo.grpo.sharding import DistributedConfig
 from argrpo.models.policy import PolicyConfig
+from argrpo.models.runtime import resolve_bf16, resolve_device
 from argrpo.rewards.base import RewardSpec
 from argrpo.rewards.pool import RewardPoolConfig
 from argrpo.rollout.pool import RolloutConfig
@@ -125,7 +126,11 @@ class GRPOSection:
     off_policy_mask_threshold: float | None = field(
         default=None, metadata={"help": "drop negative-advantage sequences whose KL to the sampler exceeds this"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "importance-weight the KL term"})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the learner"})
+    bf16: bool | Literal["auto"] = field(
+        default=False,
+        metadata={"help": "bfloat16 autocast for the learner. auto: on where the learner device runs bf16 natively "
+                          "(a bf16 CUDA device, a CPU with AVX512-BF16 or AMX), off elsewhere, where it is emulated "
+                          "and slower than float32; the run's saved config holds the resolved value"})
     skip_zero_advantage: bool | Literal["auto"] = field(
         default="auto",
         metadata={"help": "learn only on completions whose advantage is nonzero (argrpo's, not TRL's): a group whose "
@@ -327,6 +332,7 @@ class GRPORunConfig:
         metadata={"help": "several learner processes: ddp (replicas) or fsdp (FSDP2 shards, see distributed.fsdp)"})
 
     def __post_init__(self):
+        self.grpo.bf16 = resolve_bf16(self.grpo.bf16, resolve_device(self.device))
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
         if self.ray_pending_timeout_s <= 0:

@@ -28,6 +28,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ class TrainSettings:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CPU and GPU)"})
+    bf16: bool | Literal["auto"] = field(
+        default="auto", metadata={"help": "bf16 autocast. auto: on where the device runs bf16 natively (a bf16 CUDA "
+                                          "device, a CPU with AVX512-BF16 or AMX), off where it is emulated"})
     seed: int = field(default=0, metadata={"help": "seed of data order, caption dropout and Trainer's RNGs"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "keep the newest N checkpoints"})
@@ -610,7 +613,7 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     """
     from argrpo.data.captions import load_caption_dataset
     from argrpo.data.token_cache import build_token_cache
-    from argrpo.models.runtime import resolve_device, seed_everything, set_threads
+    from argrpo.models.runtime import resolve_bf16, resolve_device, seed_everything, set_threads
     from argrpo.models.visual_head import visual_head_callbacks
     from transformers import TrainingArguments
 
@@ -636,10 +639,11 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     t = cfg.train
     # the train section's keys that are TrainingArguments' own, under the same names
     same = ("max_steps", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "optim",
-            "weight_decay", "adam_beta2", "max_grad_norm", "bf16", "save_steps", "save_total_limit", "logging_steps")
+            "weight_decay", "adam_beta2", "max_grad_norm", "save_steps", "save_total_limit", "logging_steps")
     args = TrainingArguments(
         output_dir=str(output_dir),
         **{name: getattr(t, name) for name in same},
+        bf16=resolve_bf16(t.bf16, device),
         per_device_train_batch_size=t.batch_size,
         use_cpu=device.type == "cpu",
         seed=t.seed,

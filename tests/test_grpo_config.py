@@ -45,8 +45,11 @@ def test_shapes_recipe_uses_the_geneval_reward():
     cfg = load_config(GRPORunConfig, RECIPES[0])
     assert cfg.rewards[0].name.startswith("geneval") and cfg.policy.checkpoint == "runs/shapes/sft"
     assert cfg.data.train_prompts == "shapes:train" and cfg.eval.prompts == "shapes:heldout"
-    # sync, no CFG, torch engine, but a bf16 learner scoring float32 samples: the correction absorbs the numerics
-    assert cfg.grpo.bf16 and cfg.policy.dtype == "float32" and cfg.use_correction
+    # bf16 where this CPU runs it natively; a bf16 learner scoring float32 samples turns the correction on
+    from argrpo.models.runtime import bf16_is_fast
+
+    assert cfg.grpo.bf16 is bf16_is_fast("cpu") and cfg.policy.dtype == "float32"
+    assert cfg.use_correction is cfg.grpo.bf16
     assert cfg.grpo.generation_batch_size == 128 and cfg.grpo.prompts_per_generation == 16
     # LoRA adapters (embeddings and head stay as SFT left them), their rate, a cosine over the run's steps; budgeted
     # by steps alone, so every machine runs all 400
@@ -123,3 +126,31 @@ def test_trl_passthrough_reaches_grpo_config():
     cfg = load_config(GRPORunConfig, None, BASE + ["grpo.trl={num_generations_eval: 2, sapo_temperature_pos: 0.5}"])
     args = trl_args(cfg, 64, torch.device("cpu"))
     assert args.num_generations_eval == 2 and args.sapo_temperature_pos == 0.5
+
+
+@pytest.mark.parametrize("flags, expected", [(frozenset({"avx2", "avx512_bf16"}), True),
+                                             (frozenset({"avx2", "amx_bf16"}), True),
+                                             (frozenset({"avx2", "fma"}), False)])
+def test_bf16_auto_follows_the_cpu_features(monkeypatch, flags, expected):
+    from argrpo.models import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    cfg = load_config(GRPORunConfig, None, [*BASE, "device=cpu", "grpo.bf16=auto"])
+    assert cfg.grpo.bf16 is expected
+    assert trl_args(cfg, n_image_tokens=64, device=torch.device("cpu")).bf16 is expected
+    # an explicit value is kept whatever the CPU
+    assert load_config(GRPORunConfig, None, [*BASE, "device=cpu", "grpo.bf16=true"]).grpo.bf16 is True
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from argrpo.models.runtime import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16\n\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_bf16_setting_that_is_not_a_switch_is_refused():
+    with pytest.raises(ConfigError, match="grpo.bf16"):
+        load_config(GRPORunConfig, None, [*BASE, "grpo.bf16=sometimes"])
