@@ -178,7 +178,8 @@ class CodesDataset(torch.utils.data.Dataset):
     """Rows of (prompt ids, codes) from a token cache, with per-epoch caption dropout.
 
     Item: ``{"prompt_ids": list[int], "codes": int64 [N]}``. Row ``i`` of epoch ``e`` is dropped (its prompt is the
-    unconditional one) iff ``rng(seed, e).random(R)[i] < p``: a pure function of (seed, epoch, row).
+    family's unconditional prompt for it, the one CFG samples with) iff ``rng(seed, e).random(R)[i] < p``: a pure
+    function of (seed, epoch, row). layout: the policy's ``ModelFamily`` or a bare ``TokenLayout``.
     """
 
     def __init__(self, cached, tokenizer, layout, caption_dropout: float = 0.0, seed: int = 0):
@@ -186,7 +187,9 @@ class CodesDataset(torch.utils.data.Dataset):
         uniq = sorted(set(captions))
         ids = dict(zip(uniq, encode_captions(tokenizer, layout, uniq)))
         self.prompt_ids = [ids[c] for c in captions]
-        self.uncond_ids = encode_captions(tokenizer, layout, [layout.uncond_caption])[0]
+        self.family = family_for_layout(layout)
+        self.tokenizer = tokenizer
+        self._uncond: dict[tuple[int, ...], list[int]] = {}
         codes = cached.with_format("numpy", columns=["codes"])
         # Small caches (the shapes world: 64 codes a row) are read into memory once; large ones stay in Arrow.
         self.codes = codes["codes"] if len(codes) * len(codes[0]["codes"]) <= 64_000_000 else codes
@@ -202,8 +205,15 @@ class CodesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def uncond_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """The family's unconditional prompt for a row (one for all rows, or one per prompt length as Janus's)."""
+        key = tuple(prompt_ids)
+        if key not in self._uncond:
+            self._uncond[key] = self.family.uncond_prompt_ids(self.tokenizer, prompt_ids)
+        return self._uncond[key]
+
     def __getitem__(self, i: int) -> dict:
-        prompt = self.uncond_ids if self.dropped[i] else self.prompt_ids[i]
+        prompt = self.uncond_prompt(self.prompt_ids[i]) if self.dropped[i] else self.prompt_ids[i]
         row = self.codes[int(i)]
         row = row["codes"] if isinstance(row, dict) else row
         return {"prompt_ids": prompt, "codes": torch.as_tensor(row, dtype=torch.long)}
@@ -354,10 +364,10 @@ def _trainer_class():
     class VisualLMTrainer(Trainer):
         """Trainer with the visual-slice loss and policy-format checkpoints."""
 
-        def __init__(self, *args, layout, text_loss_weight=0.0, image_tokenizer_ref=None,
+        def __init__(self, *args, family, text_loss_weight=0.0, image_tokenizer_ref=None,
                      copy_image_tokenizer=True, **kwargs):
             super().__init__(*args, **kwargs)
-            self.layout = layout
+            self.family = family
             self.text_loss_weight = float(text_loss_weight)
             self.image_tokenizer_ref = image_tokenizer_ref
             self.copy_image_tokenizer = copy_image_tokenizer
@@ -381,7 +391,7 @@ def _trainer_class():
             # Accelerate applies mixed precision by wrapping model.forward; the visual-slice loss calls the decoder
             # directly, so it enters the accelerator's autocast itself (else bf16: true would train in float32).
             with self.accelerator.autocast():
-                loss, metrics = _sharded_loss(model)(inputs, self.layout, self.text_loss_weight)
+                loss, metrics = _sharded_loss(model)(inputs, self.family, self.text_loss_weight)
             for k, v in metrics.items():
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
             self._metric_count += 1
@@ -471,10 +481,8 @@ def _trainer_class():
                     remove_dir(old)
 
         def _save(self, output_dir=None, state_dict=None):
-            from argrpo.models.policy import save_policy
-
-            save_policy(
-                output_dir or self.args.output_dir, self.model, self.processing_class, self.layout,
+            self.family.save(
+                output_dir or self.args.output_dir, self.model, self.processing_class,
                 image_tokenizer=self.image_tokenizer_ref, copy_image_tokenizer=self.copy_image_tokenizer,
                 extra={"stage_step": int(self.state.global_step)},
             )
@@ -518,17 +526,15 @@ def _resume_point(cfg: LMStageConfig) -> str | None:
     return r
 
 
-def _publish(output_dir: Path, model, tokenizer, layout, image_tokenizer_ref, copy: bool, extra: dict) -> None:
-    """Make ``output_dir`` itself a policy checkpoint without disturbing the run files inside it.
+def _publish(output_dir: Path, model, tokenizer, family, image_tokenizer_ref, copy: bool, extra: dict) -> None:
+    """Make ``output_dir`` itself a policy checkpoint (in ``family``'s own format) without disturbing the run files
+    inside it.
 
     The policy is written atomically next to it, then moved in entry by entry with argrpo.json last (and the old
     one removed first), so the directory only ever looks like a complete policy when it is one.
     """
-    from argrpo.models.policy import save_policy
-
     staging = output_dir.parent / f".{output_dir.name}.final-{os.getpid()}"
-    save_policy(staging, model, tokenizer, layout, image_tokenizer=image_tokenizer_ref,
-                copy_image_tokenizer=copy, extra=extra)
+    family.save(staging, model, tokenizer, image_tokenizer=image_tokenizer_ref, copy_image_tokenizer=copy, extra=extra)
     (output_dir / ARGRPO_FILE).unlink(missing_ok=True)
     entries = sorted(staging.iterdir(), key=lambda p: p.name == ARGRPO_FILE)
     for entry in entries:
@@ -570,7 +576,12 @@ def build_text_tokenizer_for(cfg: LMStageConfig, captions, special_tokens) -> ob
 
 
 def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
-    """(model, text tokenizer, layout, image tokenizer, image tokenizer dir) for a stage."""
+    """(model, text tokenizer, family, image tokenizer, image tokenizer dir) for a stage.
+
+    The family is the checkpoint's ``ModelFamily`` (a new policy's: the shared-vocabulary one). The image tokenizer
+    is ``cfg.image_tokenizer``, else the directory the checkpoint references, else the checkpoint's own (Janus's
+    and Emu3's VQ-VAE, ``ModelFamily.image_decoder``); its directory is None in that last case.
+    """
     from argrpo.models.image_tokenizers import load_image_tokenizer
     from argrpo.models.layout import layout_preset
     from argrpo.models.policy import policy_from_config
@@ -578,17 +589,21 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
 
     if cfg.policy.checkpoint is not None:
         model, loaded = policy_from_config(cfg.policy, device=device)
-        tokenizer, layout = loaded.tokenizer, loaded.layout
+        tokenizer, family, layout = loaded.tokenizer, loaded.family, loaded.layout
         tok_dir = Path(cfg.image_tokenizer) if cfg.image_tokenizer else loaded.image_tokenizer_path
-        if tok_dir is None:
-            raise ValueError(f"{cfg.policy.checkpoint}: the checkpoint references no image tokenizer; "
-                             f"set image_tokenizer")
-        image_tokenizer = load_image_tokenizer(tok_dir)
+        if tok_dir is not None:
+            image_tokenizer = load_image_tokenizer(tok_dir)
+        else:
+            image_tokenizer = family.image_decoder(model)
+            if image_tokenizer is None or not hasattr(image_tokenizer, "encode"):
+                raise ValueError(f"{cfg.policy.checkpoint}: the checkpoint neither references nor holds an image "
+                                 f"tokenizer that encodes; set image_tokenizer")
+        where = tok_dir if tok_dir is not None else f"of checkpoint {cfg.policy.checkpoint}"
         for key, have in (("codebook_size", image_tokenizer.codebook_size), ("grid", tuple(image_tokenizer.grid))):
             if getattr(layout, key) != have:
-                raise ValueError(f"image tokenizer {tok_dir}: {key} {have} does not match the policy's layout "
+                raise ValueError(f"image tokenizer {where}: {key} {have} does not match the policy's layout "
                                  f"({getattr(layout, key)})")
-        return model, tokenizer, layout, image_tokenizer, Path(tok_dir)
+        return model, tokenizer, family, image_tokenizer, tok_dir
     tok_dir = Path(cfg.image_tokenizer)
     image_tokenizer = load_image_tokenizer(tok_dir)
     geometry = dict(codebook_size=int(image_tokenizer.codebook_size), grid=tuple(image_tokenizer.grid),
@@ -602,7 +617,7 @@ def prepare_policy(cfg: LMStageConfig, captions, device="cpu"):
     for conf in (base.config, getattr(base, "generation_config", None)):
         if conf is not None:  # the new text tokenizer's pad id, so Trainer has nothing to "align"
             conf.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, layout, image_tokenizer, tok_dir
+    return model, tokenizer, family_for_layout(layout), image_tokenizer, tok_dir
 
 
 def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResult:
@@ -624,13 +639,14 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     output_dir.mkdir(parents=True, exist_ok=True)
 
     captions = load_caption_dataset(cfg.data)
-    model, tokenizer, layout, image_tokenizer, tok_dir = prepared or prepare_policy(cfg, captions, device=device)
+    model, tokenizer, family, image_tokenizer, tok_dir = prepared or prepare_policy(cfg, captions, device=device)
+    tok_ref = str(tok_dir.absolute()) if tok_dir is not None else None  # None: the checkpoint holds its own
     from accelerate import PartialState
 
     # several processes share cache_dir: the main one writes the cache, the others then read it
     with PartialState().main_process_first():
         cached = build_token_cache(captions, image_tokenizer, cfg.cache_dir, batch_size=cfg.encode_batch_size)
-    dataset = CodesDataset(cached, tokenizer, layout, cfg.caption_dropout, seed=cfg.train.seed)
+    dataset = CodesDataset(cached, tokenizer, family, cfg.caption_dropout, seed=cfg.train.seed)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} training rows < train.batch_size {cfg.train.batch_size} (the last "
                          f"incomplete batch of an epoch is dropped)")
@@ -658,10 +674,10 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     )
     set_plugin_precision(args, cfg.distributed)
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, data_collator=CodesCollator(layout, pad),
+        model=model, args=args, train_dataset=dataset, data_collator=CodesCollator(family, pad),
         processing_class=tokenizer,
-        callbacks=[*callbacks, *visual_head_callbacks(cfg.visual_head, model, layout, image_tokenizer)], layout=layout,
-        text_loss_weight=cfg.text_loss_weight, image_tokenizer_ref=str(tok_dir.absolute()),
+        callbacks=[*callbacks, *visual_head_callbacks(cfg.visual_head, model, family.layout, image_tokenizer)],
+        family=family, text_loss_weight=cfg.text_loss_weight, image_tokenizer_ref=tok_ref,
         copy_image_tokenizer=cfg.copy_image_tokenizer,
     )
     resume = _resume_point(cfg)
@@ -682,7 +698,7 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
 
     model = consolidated_model(trainer.model)  # under FSDP2 a collective: the main process gets the full weights
     if trainer.is_world_process_zero():  # replicas hold the same weights; FSDP2 gathered them here
-        _publish(output_dir, model, tokenizer, layout, str(tok_dir.absolute()), cfg.copy_image_tokenizer,
+        _publish(output_dir, model, tokenizer, family, tok_ref, cfg.copy_image_tokenizer,
                  extra={"stage_step": int(trainer.state.global_step)})
     trainer.accelerator.wait_for_everyone()  # the next stage may load output_dir on any process
     return LMStageResult(

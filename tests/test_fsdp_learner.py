@@ -286,3 +286,45 @@ def test_pretrain_and_sft_on_two_ranks_equal_one_process_on_the_same_global_batc
     pre = load_policy(tmp_path / "fsdp" / "pre")
     assert any(not torch.equal(v, pre.model.state_dict()[k]) for k, v in sft.model.state_dict().items())
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "sft"))
+
+
+@pytest.fixture(scope="module")
+def janus_runs(tmp_path_factory):
+    """The same 3-step run on a tiny Janus-Pro directory as transformers ships it, with CFG 3 rollouts, under DDP
+    and under FSDP2."""
+    from janus_fixtures import save_tiny_janus
+
+    tmp = tmp_path_factory.mktemp("fsdp-janus")
+    world = shared_world()
+    wj = tmp / "world.json"
+    wj.write_text(json.dumps({"policy": str(save_tiny_janus(tmp / "Janus-Pro-tiny")), "train": str(world["train"]),
+                              "plugins": str(world["plugins"])}))
+    (tmp / "cfg.json").write_text(json.dumps({"rollout.sampling.cfg_scale": 3.0}))
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        proc = launch(TESTS / "fsdp_grpo.py", wj, tmp / strategy, strategy, tmp / "cfg.json")
+        assert proc.returncode == 0, failure(proc)
+        out[strategy] = (tmp / strategy, [json.loads((tmp / strategy / f"rank{r}.json").read_text())
+                                          for r in range(NPROC)])
+    return tmp / "Janus-Pro-tiny", out
+
+
+def test_fsdp_trains_janus_as_ddp_does_and_saves_what_transformers_loads(janus_runs):
+    from transformers import JanusForConditionalGeneration
+
+    start_dir, runs = janus_runs
+    (ddp, ddp_ranks), (fsdp, fsdp_ranks) = runs["ddp"], runs["fsdp"]
+    assert [r["steps"] for r in fsdp_ranks] == [STEPS] * NPROC
+    for a, b in zip(ddp_ranks, fsdp_ranks):
+        assert b["scored"] == a["scored"]
+    a, b = _weights(ddp / "run" / "final" / "model.safetensors"), _weights(fsdp / "run" / "final" / "model.safetensors")
+    start = _weights(start_dir / "model.safetensors")
+    assert sorted(a) == sorted(b) == sorted(start)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=ATOL, msg=k)
+    head = "model.generation_head.vision_head.weight"
+    assert float((b[head] - start[head]).abs().max()) > 1e-3  # the generation head trained, sharded
+    assert all(torch.equal(b[k], start[k]) for k in start if k.startswith("model.vqmodel."))
+    model = JanusForConditionalGeneration.from_pretrained(str(fsdp / "run" / "final"))
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    assert torch.equal(model.state_dict()[head], b[head])

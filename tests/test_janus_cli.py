@@ -91,3 +91,64 @@ def test_vllm_engine_is_refused_before_anything_starts(janus, tmp_path, monkeypa
     with pytest.raises(ValueError, match="'janus' model family.*rollout.engine: torch"):
         _grpo(root, ckpt, tmp_path / "v", "grpo.max_steps=1", "rollout.engine=vllm")
     assert not (tmp_path / "v" / "metrics.jsonl").exists()
+
+
+def test_sft_encodes_with_the_checkpoints_own_vqvae_and_saves_a_janus_checkpoint(janus, tmp_path):
+    """`argrpo sft` on a Janus directory: no image tokenizer to name (the checkpoint's VQ-VAE encodes the data), the
+    language model trains, the VQ-VAE does not, and the result loads back in transformers."""
+    import datasets
+    from argrpo.config import load_config
+    from argrpo.data.captions import load_caption_dataset, load_images
+    from argrpo.grpo.lm_stage import SFTConfig
+    from argrpo.models.policy import load_policy
+    from transformers import JanusForConditionalGeneration
+
+    root, ckpt = janus
+    out = tmp_path / "sft"
+    sets = [f"output_dir={out}", f"policy.checkpoint={ckpt}", "data.kind=shapes", "data.shapes_n=16",
+            f"cache_dir={tmp_path / 'cache'}", "caption_dropout=0.25", "train.max_steps=2", "train.batch_size=4",
+            "train.learning_rate=0.01", "train.report_to=[]", "train.bf16=false", "train.threads=1",
+            "train.save_steps=100"]
+    assert main(["sft", str(root / "base.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
+    before = JanusForConditionalGeneration.from_pretrained(str(ckpt)).state_dict()
+    after = JanusForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[q], after[q])
+    assert not torch.equal(before["model.generation_head.vision_head.weight"],
+                           after["model.generation_head.vision_head.weight"])
+    vq = [k for k in before if k.startswith("model.vqmodel.")]
+    assert vq and all(torch.equal(before[k], after[k]) for k in vq)
+    assert json.loads((out / "argrpo.json").read_text())["family"] == "janus"
+
+    # the cached codes are the checkpoint's own VQ-VAE codes of the rendered images
+    pol = load_policy(ckpt)
+    cache = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    cached = datasets.load_from_disk(str(cache[0]))
+    cfg = load_config(SFTConfig, None, [f"policy.checkpoint={ckpt}", "data.kind=shapes", "data.shapes_n=16"])
+    images = load_images(load_caption_dataset(cfg.data)[:2], pol.layout.image_size)
+    codes = pol.family.image_decoder(pol.model).encode(images)
+    assert torch.equal(codes.flatten(1), torch.as_tensor(cached[:2]["codes"]).long())
+
+
+def test_caption_dropout_uses_the_janus_unconditional_prompt(janus):
+    """A dropped row is the prompt CFG samples with: the same length, pad everywhere but BOS and <begin_of_image>."""
+    import datasets
+    from argrpo.grpo.lm_stage import CodesDataset
+    from argrpo.models.policy import load_policy
+
+    _, ckpt = janus
+    pol = load_policy(ckpt)
+    captions = ["a red circle", "two blue square left of a green triangle"] * 20
+    cached = datasets.Dataset.from_dict({"caption": captions, "codes": [[0] * 16] * len(captions)})
+    ds = CodesDataset(cached, pol.tokenizer, pol.family, caption_dropout=0.5, seed=0)
+    bos, boi, pad = pol.tokenizer.bos_token_id, pol.tokenizer.convert_tokens_to_ids("<begin_of_image>"), \
+        pol.tokenizer.pad_token_id
+    dropped = [i for i in range(len(ds)) if ds.dropped[i]]
+    kept = [i for i in range(len(ds)) if not ds.dropped[i]]
+    assert dropped and kept
+    for i in dropped:
+        cond = pol.family.encode_prompts(pol.tokenizer, [captions[i]])[0]
+        row = ds[i]["prompt_ids"]
+        assert len(row) == len(cond) and row[0] == bos and row[-1] == boi and set(row[1:-1]) == {pad}
+    for i in kept:
+        assert ds[i]["prompt_ids"] == pol.family.encode_prompts(pol.tokenizer, [captions[i]])[0]

@@ -87,14 +87,14 @@ def test_caption_dropout_is_a_function_of_seed_epoch_row(parts):
                                          "codes": np.zeros((400, 64), dtype=np.int32).tolist()})
     a = CodesDataset(cached, tok, layout, caption_dropout=0.25, seed=3)
     b = CodesDataset(cached, tok, layout, caption_dropout=0.25, seed=3)
-    drop0 = [a[i]["prompt_ids"] == a.uncond_ids for i in range(400)]
+    drop0 = [a[i]["prompt_ids"] == a.uncond_prompt(a.prompt_ids[i]) for i in range(400)]
     assert 0.15 < np.mean(drop0) < 0.35
-    assert drop0 == [b[i]["prompt_ids"] == b.uncond_ids for i in range(400)]
+    assert drop0 == [b[i]["prompt_ids"] == b.uncond_prompt(b.prompt_ids[i]) for i in range(400)]
     a.set_epoch(1)
-    assert drop0 != [a[i]["prompt_ids"] == a.uncond_ids for i in range(400)]
+    assert drop0 != [a[i]["prompt_ids"] == a.uncond_prompt(a.prompt_ids[i]) for i in range(400)]
     a.set_epoch(0)
-    assert drop0 == [a[i]["prompt_ids"] == a.uncond_ids for i in range(400)]
-    assert a.uncond_ids == tok(layout.uncond_prompt, add_special_tokens=False)["input_ids"]
+    assert drop0 == [a[i]["prompt_ids"] == a.uncond_prompt(a.prompt_ids[i]) for i in range(400)]
+    assert a.uncond_prompt(a.prompt_ids[0]) == tok(layout.uncond_prompt, add_special_tokens=False)["input_ids"]
 
 
 def _overrides(out, vq_dir, cache, steps=6, extra=()):

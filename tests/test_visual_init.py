@@ -102,8 +102,8 @@ def test_a_new_lm_stage_policy_uses_policy_visual_init(vq, tmp_path, how):
     vq.save_pretrained(tmp_path / "vq")
     cfg = load_config(PretrainConfig, None, [f"output_dir={tmp_path / 'out'}", f"image_tokenizer={tmp_path / 'vq'}",
                                              "policy.size=tiny", f"policy.visual_init={how}"])
-    model, _, layout, tok, _ = prepare_policy(cfg, datasets.Dataset.from_dict({"caption": ["a photo"]}))
-    embed, _ = _visual_rows(model, layout)
+    model, _, family, tok, _ = prepare_policy(cfg, datasets.Dataset.from_dict({"caption": ["a photo"]}))
+    embed, _ = _visual_rows(model, family.layout)
     c = tok.colors.shape[0]
     d0, d3 = embed[1 + 1] - embed[1 + 2], embed[1 + 3 * c + 1] - embed[1 + 3 * c + 2]
     assert torch.allclose(d0, d3, atol=1e-6) == (how == "codebook")

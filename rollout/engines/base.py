@@ -30,9 +30,10 @@ register_engine = ENGINES.register
 
 
 def encode_prompts(tokenizer, layout, captions: list[str]) -> list[list[int]]:
-    """Captions -> prompt token ids through the layout's template (which carries its own special tokens).
+    """Captions -> prompt token ids as the family builds them (``ModelFamily.encode_prompts``).
 
-    ``add_special_tokens=False`` so no tokenizer adds a BOS/EOS around the template.
+    layout: a ``ModelFamily``, or a bare ``TokenLayout`` (the shared-vocabulary family: the layout's template).
     """
-    texts = [layout.format_prompt(c) for c in captions]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    from argrpo.models.families import family_for_layout
+
+    return family_for_layout(layout).encode_prompts(tokenizer, captions)
