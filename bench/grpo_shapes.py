@@ -38,12 +38,18 @@ def run_one(sft: str, mode: str, seed: int, out: Path, budget: float, clock: str
     return summary
 
 
-def evaluate_policy(path: str, eval_cfg) -> dict:
+def evaluate_policy(path: str, eval_cfg, cfg_scale: float | None = None) -> dict:
+    """Held-out score of a policy with the recipe's pinned eval settings (``cfg_scale``: another guidance scale)."""
+    import dataclasses
+
     from argrpo.grpo import evaluate as ev
     from argrpo.models.policy import load_policy
 
     specs, _ = ev.load_prompt_set(eval_cfg.prompts, eval_cfg.shapes_per_tag, eval_cfg.shapes_seed)
-    result = ev.evaluate(load_policy(path), None, specs, eval_cfg.settings)
+    settings = eval_cfg.settings
+    if cfg_scale is not None:
+        settings = dataclasses.replace(settings, sampling=dataclasses.replace(settings.sampling, cfg_scale=cfg_scale))
+    result = ev.evaluate(load_policy(path), None, specs, settings)
     return {"overall": result.overall, "se": result.overall_stderr,
             "tags": {t: {"acc": s.accuracy, "se": s.stderr} for t, s in result.tags.items()}}
 
@@ -146,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="results directory (default bench/results)")
     p.add_argument("--name", default="grpo_shapes")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra GRPO config overrides")
+    p.add_argument("--also-cfg", type=float, default=None, metavar="S",
+                   help="also score SFT and each final policy on the held-out set sampled with guidance scale S")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only combine these result files (same SFT; the ones in results/raw/, which keep per-step metrics) "
                         "into --name's table and curves")
@@ -159,12 +167,16 @@ def main(argv=None) -> int:
     eval_cfg = load_config(GRPORunConfig, RECIPE, [f"policy.checkpoint={args.sft}"]).eval
     out = Path(args.out)
     sft = evaluate_policy(args.sft, eval_cfg)
+    if args.also_cfg is not None:
+        sft["at_cfg"] = {"scale": args.also_cfg, **evaluate_policy(args.sft, eval_cfg, args.also_cfg)}
     runs = []
     for mode in args.modes:
         for seed in args.seeds:
             s = run_one(args.sft, mode, seed, out / f"{mode}_seed{seed}", args.budget_minutes, args.clock,
                         args.eval_every, args.overrides)
             final = evaluate_policy(s["final"], eval_cfg)
+            if args.also_cfg is not None:
+                final["at_cfg"] = {"scale": args.also_cfg, **evaluate_policy(s["final"], eval_cfg, args.also_cfg)}
             curve = [(st, v["score"], v.get("score_se", 0.0)) for st, v in s["eval"]]
             if not curve or curve[-1][0] != s["steps"]:
                 curve.append((s["steps"], final["overall"], final["se"]))
@@ -194,12 +206,23 @@ def run_row(sft: dict, run: dict) -> dict:
         "SFT": f"{sft['overall']:.3f} ± {sft['se']:.3f}",
         "GRPO": f"{final['overall']:.3f} ± {final['se']:.3f}",
         "delta": round(final["overall"] - sft["overall"], 3),
+        **at_cfg_columns(sft, final),
         "train reward first→last(5)": f"{sum(rew[:5]) / max(1, len(rew[:5])):.3f}→"
                                       f"{sum(rew[-5:]) / max(1, len(rew[-5:])):.3f}",
         "cpu s/step": round(avg["cpu/step"], 2), "wall s/step": round(avg["time/step"], 2),
         "rollout/reward/learn/sync s": "/".join(f"{avg[k]:.2f}" for k in
                                                 ("time/rollout", "time/reward", "time/learn", "time/sync")),
     }
+
+
+def at_cfg_columns(sft: dict, final: dict) -> dict:
+    """The row's columns for the held-out score sampled with another guidance scale (``--also-cfg``), if any."""
+    if "at_cfg" not in final or "at_cfg" not in sft:
+        return {}
+    a, b = sft["at_cfg"], final["at_cfg"]
+    return {f"SFT cfg {a['scale']:g}": f"{a['overall']:.3f} ± {a['se']:.3f}",
+            f"GRPO cfg {b['scale']:g}": f"{b['overall']:.3f} ± {b['se']:.3f}",
+            f"delta cfg {b['scale']:g}": round(b["overall"] - a["overall"], 3)}
 
 
 def write_all(name: str, sft: dict, runs: list[dict], extra: dict, notes: list[str], results_dir: Path | None):
