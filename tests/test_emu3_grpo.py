@@ -166,3 +166,35 @@ def test_pretrain_sft_loss_scores_codes_only_with_forced_tokens_in_the_input(sav
     visual = torch.tensor(pol.model.vocabulary_mapping.image_tokens)
     ref = torch.nn.functional.cross_entropy(logits[..., visual].flatten(0, 1).float(), codes.flatten())
     assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_sft_from_the_cli_encodes_with_the_checkpoints_own_vqvae(saved, tmp_path):
+    """`argrpo sft` on an Emu3 checkpoint: its VQ-VAE encodes the rendered images into the 3 x 4 grid, the text
+    model trains (codes only in the loss; row ends are inputs), and the result loads back in transformers."""
+    from argrpo.recipes.cli import main
+    from PIL import Image
+    from transformers import Emu3ForConditionalGeneration
+
+    _, path = saved
+    pol = load_policy(path)
+    images = torch.randint(0, 256, (2, *pol.layout.image_size, 3), dtype=torch.uint8)
+    codes = pol.family.image_decoder(pol.model).encode(images)
+    assert codes.shape == (2, *GRID) and int(codes.max()) < pol.layout.codebook_size
+    folder = tmp_path / "images"  # an image folder with .txt captions, at another size (the loader resizes)
+    folder.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square", "two green triangle", "a red square"] * 2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    (tmp_path / "base.yaml").write_text(f"output_dir: {tmp_path / 'unused'}\n")
+    out = tmp_path / "sft"
+    sets = [f"output_dir={out}", f"policy.checkpoint={path}", "data.kind=imagefolder", f"data.path={folder}",
+            f"cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.batch_size=4", "train.learning_rate=0.01",
+            "train.report_to=[]", "train.bf16=false", "train.threads=1", "train.save_steps=100"]
+    assert main(["sft", str(tmp_path / "base.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
+    before = Emu3ForConditionalGeneration.from_pretrained(str(path)).state_dict()
+    after = Emu3ForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    name = "model.text_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[name], after[name])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.vqmodel."))
+    assert load_policy(out).layout.grid == GRID

@@ -78,13 +78,29 @@ def emu3_layout(config, tokenizer, grid=None, image_size=None, uncond_caption: s
 
 
 class Emu3ImageDecoder:
-    """The checkpoint's ``Emu3VQVAE`` as an image decoder: codes int [B, h, w] -> uint8 [B, H, W, 3]."""
+    """The checkpoint's ``Emu3VQVAE`` as an image tokenizer: ``decode`` codes int [B, h, w] -> uint8 [B, H, W, 3],
+    ``encode`` the reverse (for caching an SFT set's codes); ``save_pretrained`` writes the VQ-VAE (the token cache
+    fingerprints it)."""
 
     def __init__(self, vqmodel, layout: TokenLayout):
         self.vqmodel = vqmodel
         self.codebook_size = layout.codebook_size
         self.grid = layout.grid
+        self.image_size = layout.image_size
         self.path = None
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> codes int64 [B, h, w] (pixels scaled to [-1, 1], the image processor's input)."""
+        x = torch.as_tensor(images)
+        dev = next(self.vqmodel.parameters()).device
+        x = x.to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        sizes = torch.tensor([list(x.shape[-2:])] * x.shape[0])
+        tokens = self.vqmodel.encode(x, sizes).image_tokens  # B x [h, w]
+        return torch.stack(list(tokens)).long().reshape(x.shape[0], *self.grid).cpu()
+
+    def save_pretrained(self, path) -> None:
+        self.vqmodel.save_pretrained(str(path))
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
