@@ -19,6 +19,7 @@ CONFIG_CLASSES = (
     ("tokenizer", "argrpo.recipes.commands.tokenizer:TokenizerTrainConfig"),
     ("pretrain", "argrpo.grpo.lm_stage:PretrainConfig"),
     ("sft", "argrpo.grpo.lm_stage:SFTConfig"),
+    ("*_sft", "argrpo.grpo.lm_stage:SFTConfig"),
     ("eval", "argrpo.grpo.evaluate:EvalRunConfig"),
     ("grpo", "argrpo.grpo.config:GRPORunConfig"),
     ("*_grpo_*", "argrpo.grpo.config:GRPORunConfig"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from argrpo.recipes.cli import main
 from grpo_fixtures import PLUGIN_SOURCE
 from janus_fixtures import save_tiny_janus
 from PIL import Image
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,7 @@ def test_vllm_engine_is_refused_before_anything_starts(janus, tmp_path, monkeypa
 
 
 def test_sft_encodes_with_the_checkpoints_own_vqvae_and_saves_a_janus_checkpoint(janus, tmp_path):
-    """`argrpo sft` on a Janus directory: no image tokenizer to name (the checkpoint's VQ-VAE encodes the data), the
+    """`argrpo sft` with the shipped Janus-Pro SFT recipe on a Janus directory: no image tokenizer to name (the checkpoint's VQ-VAE encodes the data), the
     language model trains, the VQ-VAE does not, and the result loads back in transformers."""
     import datasets
     from argrpo.config import load_config
@@ -107,9 +110,9 @@ def test_sft_encodes_with_the_checkpoints_own_vqvae_and_saves_a_janus_checkpoint
     out = tmp_path / "sft"
     sets = [f"output_dir={out}", f"policy.checkpoint={ckpt}", "data.kind=shapes", "data.shapes_n=16",
             f"cache_dir={tmp_path / 'cache'}", "caption_dropout=0.25", "train.max_steps=2", "train.batch_size=4",
-            "train.learning_rate=0.01", "train.report_to=[]", "train.bf16=false", "train.threads=1",
-            "train.save_steps=100"]
-    assert main(["sft", str(root / "base.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
+            "train.gradient_accumulation_steps=1", "train.learning_rate=0.01", "train.report_to=[]",
+            "train.bf16=false", "train.threads=1", "train.device=cpu", "train.save_steps=100"]
+    assert main(["sft", str(RECIPES / "janus_pro" / "1b_sft.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
     before = JanusForConditionalGeneration.from_pretrained(str(ckpt)).state_dict()
     after = JanusForConditionalGeneration.from_pretrained(str(out)).state_dict()
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
