@@ -4,6 +4,7 @@
     python -m bench.rollout --quick    # hidden 256, 4 layers, 64 tokens, 4 x 4
     python -m bench.rollout --config long   # hidden 256, 4 layers, 1,024 tokens, 2 x 4
     python -m bench.rollout --vocab small   # a 256-word text vocabulary instead of SimpleAR's 151,672
+    python -m bench.rollout --config long --images 8 8 --engines torch   # 64 images a call
 
 Every configuration uses SimpleAR's vocabulary proportions: 151,672 text ids, then 64,000 visual codes.
 
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="torch,hf,vllm", help="comma list of torch, hf, vllm")
     ap.add_argument("--vocab", choices=sorted(TEXT_VOCABS), default="simplear",
                     help="text vocabulary before the codebook: SimpleAR's (151,672) or a small one (256)")
+    ap.add_argument("--images", type=int, nargs=2, default=None, metavar=("P", "G"),
+                    help="P prompts x G samples a call instead of the config's (results: <name>_<P*G>img)")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
 
@@ -219,6 +222,9 @@ def main(argv=None) -> int:
     name = "rollout" + ("" if config == "full" else f"_{config}") + (
         "" if args.vocab == "simplear" else f"_{args.vocab}_vocab")
     cfg = replace(CONFIGS[config], text_vocab=TEXT_VOCABS[args.vocab])
+    if args.images is not None:
+        cfg = replace(cfg, P=args.images[0], G=args.images[1])
+        name += f"_{cfg.P * cfg.G}img"
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     layout, model, prompts, uncond = build(cfg)
     B, N = cfg.P * cfg.G, layout.n_image_tokens
