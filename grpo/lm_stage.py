@@ -643,8 +643,9 @@ def run_lm_stage(cfg: LMStageConfig, callbacks=(), prepared=None) -> LMStageResu
     tok_ref = str(tok_dir.absolute()) if tok_dir is not None else None  # None: the checkpoint holds its own
     from accelerate import PartialState
 
-    # several processes share cache_dir: the main one writes the cache, the others then read it
-    with PartialState().main_process_first():
+    # several processes share cache_dir: the main one writes the cache, the others then read it. On CPU accelerate
+    # sees the processes only when told (cpu=True); else main_process_first is no barrier and all of them write.
+    with PartialState(cpu=device.type == "cpu").main_process_first():
         cached = build_token_cache(captions, image_tokenizer, cfg.cache_dir, batch_size=cfg.encode_batch_size)
     dataset = CodesDataset(cached, tokenizer, family, cfg.caption_dropout, seed=cfg.train.seed)
     if len(dataset) < cfg.train.batch_size:
