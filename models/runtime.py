@@ -53,7 +53,7 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-def bf16_is_fast(device: torch.device | str, flags: frozenset[str] | None = None) -> bool:
+def bf16_is_fast(device: torch.device | str) -> bool:
     """Whether bfloat16 autocast speeds ``device`` up rather than slowing it down.
 
     A CUDA device that supports bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) bf16 matmuls
@@ -63,7 +63,7 @@ def bf16_is_fast(device: torch.device | str, flags: frozenset[str] | None = None
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(NATIVE_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
+        return bool(NATIVE_BF16_CPU_FLAGS & cpu_flags())
     return False
 
 
