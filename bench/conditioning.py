@@ -39,10 +39,11 @@ def image_nats(policy, image_codes: torch.Tensor, captions: list[str], batch: in
 
     image_codes: int64 [R, N]; captions: R strings. Returns float64 [R] (nats per image).
     """
-    from argrpo.grpo.lm_stage import CodesCollator, encode_captions, image_logits
+    from argrpo.grpo.lm_stage import CodesCollator, image_logits
+    from argrpo.rollout.engines import encode_prompts
 
     collate = CodesCollator(policy.layout, policy.tokenizer.pad_token_id)
-    ids = encode_captions(policy.tokenizer, policy.layout, captions)
+    ids = encode_prompts(policy.tokenizer, policy.layout, captions)
     out = []
     with torch.inference_mode():
         for i in range(0, len(captions), batch):

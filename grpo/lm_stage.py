@@ -167,13 +167,6 @@ class SFTConfig(LMStageConfig):
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def encode_captions(tokenizer, layout, captions: list[str]) -> list[list[int]]:
-    """Captions -> prompt ids exactly as the rollout engines build them."""
-    from argrpo.rollout.engines.base import encode_prompts
-
-    return encode_prompts(tokenizer, layout, captions)
-
-
 class CodesDataset(torch.utils.data.Dataset):
     """Rows of (prompt ids, codes) from a token cache, with per-epoch caption dropout.
 
@@ -185,10 +178,10 @@ class CodesDataset(torch.utils.data.Dataset):
     def __init__(self, cached, tokenizer, layout, caption_dropout: float = 0.0, seed: int = 0):
         captions = cached["caption"]
         uniq = sorted(set(captions))
-        ids = dict(zip(uniq, encode_captions(tokenizer, layout, uniq)))
-        self.prompt_ids = [ids[c] for c in captions]
         self.family = family_for_layout(layout)
         self.tokenizer = tokenizer
+        ids = dict(zip(uniq, self.family.encode_prompts(tokenizer, uniq)))  # as the rollout engines build them
+        self.prompt_ids = [ids[c] for c in captions]
         self._uncond: dict[tuple[int, ...], list[int]] = {}
         codes = cached.with_format("numpy", columns=["codes"])
         # Small caches (the shapes world: 64 codes a row) are read into memory once; large ones stay in Arrow.

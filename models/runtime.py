@@ -69,8 +69,4 @@ def bf16_is_fast(device: torch.device | str) -> bool:
 
 def resolve_bf16(value: bool | str, device: torch.device | str) -> bool:
     """A config's ``bf16`` setting (true, false or "auto") for ``device``; auto is :func:`bf16_is_fast`."""
-    if value == "auto":
-        return bf16_is_fast(device)
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"bf16: expected true, false or auto, got {value!r}")
+    return bf16_is_fast(device) if value == "auto" else bool(value)

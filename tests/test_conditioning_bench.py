@@ -4,10 +4,11 @@ from types import SimpleNamespace
 
 import torch
 from argrpo.data.shapes import ShapesWorld
-from argrpo.grpo.lm_stage import CodesCollator, encode_captions, visual_lm_loss
+from argrpo.grpo.lm_stage import CodesCollator, visual_lm_loss
 from argrpo.models.layout import layout_preset
 from argrpo.models.policy import build_policy
 from argrpo.models.text_tokenizer import build_text_tokenizer
+from argrpo.rollout.engines import encode_prompts
 
 from bench.conditioning import image_nats
 
@@ -23,7 +24,7 @@ def test_image_nats_is_the_per_row_training_loss_summed_over_tokens():
 
     got = image_nats(policy, codes, captions, batch=3)  # two batches, with different prompt padding
 
-    ids = encode_captions(tok, layout, captions)
+    ids = encode_prompts(tok, layout, captions)
     for i in range(4):
         one = CodesCollator(layout, tok.pad_token_id)([{"prompt_ids": ids[i], "codes": codes[i]}])
         with torch.no_grad():

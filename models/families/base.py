@@ -27,6 +27,54 @@ from argrpo.models.layout import TokenLayout
 from argrpo.models.unwrap import unwrap_model
 
 
+def uint8_to_unit(images, device=None, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (the VQ-VAEs' input: mean = std = 0.5)."""
+    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.to(dtype)
+
+
+def unit_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] on the CPU (x * 0.5 + 0.5, scaled to 0..255)."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+class CheckpointVQTokenizer(ABC):
+    """A VQ-VAE held by the checkpoint itself (Janus-Pro's, Emu3's) as an image tokenizer: ``encode`` uint8
+    [B, H, W, 3] -> codes int64 [B, h, w] (for caching an SFT set's codes), ``decode`` the reverse;
+    ``save_pretrained`` writes the VQ-VAE (the token cache fingerprints it). A family says how its VQ-VAE is called
+    on pixels and codes in [-1, 1] (:meth:`_encode`, :meth:`_decode`)."""
+
+    def __init__(self, vqmodel, layout: TokenLayout):
+        self.vqmodel = vqmodel
+        self.codebook_size = layout.codebook_size
+        self.grid = layout.grid
+        self.image_size = layout.image_size
+        self.path = None
+
+    @abstractmethod
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] in [-1, 1] -> the B images' codes in raster order, any shape (:meth:`encode` lays them
+        out [B, h, w])."""
+
+    @abstractmethod
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes int64 [B, h, w] -> float [B, 3, H, W] in [-1, 1]."""
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        p = next(self.vqmodel.parameters())
+        pixels = uint8_to_unit(images, p.device, p.dtype)
+        return self._encode(pixels).long().reshape(pixels.shape[0], *self.grid).cpu()
+
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        dev = next(self.vqmodel.parameters()).device
+        return unit_to_uint8(self._decode(torch.as_tensor(codes).long().to(dev)))
+
+    def save_pretrained(self, path) -> None:
+        self.vqmodel.save_pretrained(str(path))
+
+
 class ModelFamily(ABC):
     """One family's answers (see the module docstring). Instances are cheap and carry the checkpoint's layout.
 

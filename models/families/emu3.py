@@ -22,7 +22,7 @@ lie past the LM vocabulary (the tokenizer itself holds the visual tokens) and ar
 from __future__ import annotations
 
 import torch
-from argrpo.models.families.base import load_shipped, unwrap_model
+from argrpo.models.families.base import CheckpointVQTokenizer, load_shipped, unwrap_model
 from argrpo.models.families.extended import ExtendedFamily, ExtendedSpec
 from argrpo.models.layout import TokenLayout
 
@@ -77,38 +77,15 @@ def emu3_layout(config, tokenizer, grid=None, image_size=None, uncond_caption: s
     return layout
 
 
-class Emu3ImageDecoder:
-    """The checkpoint's ``Emu3VQVAE`` as an image tokenizer: ``decode`` codes int [B, h, w] -> uint8 [B, H, W, 3],
-    ``encode`` the reverse (for caching an SFT set's codes); ``save_pretrained`` writes the VQ-VAE (the token cache
-    fingerprints it)."""
+class Emu3ImageDecoder(CheckpointVQTokenizer):
+    """The checkpoint's ``Emu3VQVAE`` as an image tokenizer (its encode takes each image's size)."""
 
-    def __init__(self, vqmodel, layout: TokenLayout):
-        self.vqmodel = vqmodel
-        self.codebook_size = layout.codebook_size
-        self.grid = layout.grid
-        self.image_size = layout.image_size
-        self.path = None
+    def _encode(self, pixels):
+        sizes = torch.tensor([list(pixels.shape[-2:])] * pixels.shape[0])
+        return torch.stack(list(self.vqmodel.encode(pixels, sizes).image_tokens))  # B x [h, w]
 
-    @torch.no_grad()
-    def encode(self, images) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> codes int64 [B, h, w] (pixels scaled to [-1, 1], the image processor's input)."""
-        x = torch.as_tensor(images)
-        dev = next(self.vqmodel.parameters()).device
-        x = x.to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        sizes = torch.tensor([list(x.shape[-2:])] * x.shape[0])
-        tokens = self.vqmodel.encode(x, sizes).image_tokens  # B x [h, w]
-        return torch.stack(list(tokens)).long().reshape(x.shape[0], *self.grid).cpu()
-
-    def save_pretrained(self, path) -> None:
-        self.vqmodel.save_pretrained(str(path))
-
-    @torch.no_grad()
-    def decode(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(codes).long()
-        dev = next(self.vqmodel.parameters()).device
-        pixels = self.vqmodel.decode(codes.to(dev))  # [B, 3, H, W] in [-1, 1]
-        # Emu3's vision tokenizer normalises with mean = std = 0.5: x * 0.5 + 0.5 back to 0..1
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    def _decode(self, codes):
+        return self.vqmodel.decode(codes)
 
 
 class Emu3Family(ExtendedFamily):

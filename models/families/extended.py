@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from argrpo.models.families.base import ModelFamily, adapter_base, load_hf_weights, unwrap_model
+from argrpo.models.families.base import (
+    ModelFamily,
+    adapter_base,
+    load_hf_weights,
+    unit_to_uint8,
+    unwrap_model,
+)
 from argrpo.models.layout import TokenLayout
 
 SPEC_KEY = "extended"
@@ -299,11 +305,6 @@ class ExtendedFamily(ModelFamily):
                             path=path, family=family)
 
 
-def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 class ModuleDecoder:
     """A Hugging Face module with ``decode(codes [B, h, w]) -> float [B, 3, H, W]`` in [-1, 1] (a VQ-VAE) as an
     image decoder: codes -> uint8 [B, H, W, 3]."""
@@ -315,7 +316,7 @@ class ModuleDecoder:
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
         dev = next(self.module.parameters()).device
-        return _to_uint8(self.module.decode(torch.as_tensor(codes).long().to(dev)))
+        return unit_to_uint8(self.module.decode(torch.as_tensor(codes).long().to(dev)))
 
 
 class TorchScriptDecoder:
@@ -331,7 +332,7 @@ class TorchScriptDecoder:
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
-        return _to_uint8(self.module(torch.as_tensor(codes).long()))
+        return unit_to_uint8(self.module(torch.as_tensor(codes).long()))
 
 
 def load_user_decoder(ref: str, layout: TokenLayout, weights: str | None = None):

@@ -17,7 +17,7 @@ prompt with every token except BOS and ``<begin_of_image>`` replaced by the pad 
 from __future__ import annotations
 
 import torch
-from argrpo.models.families.base import ModelFamily, load_shipped, unwrap_model
+from argrpo.models.families.base import CheckpointVQTokenizer, ModelFamily, load_shipped, unwrap_model
 from argrpo.models.layout import TokenLayout
 
 BOI_TOKEN = "<begin_of_image>"
@@ -25,37 +25,14 @@ PROMPT_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:"
 # the language model's projections; the SigLIP understanding tower has modules of the same names, never adapted
 
 
-class JanusImageDecoder:
-    """The checkpoint's ``JanusVQVAE`` as an image tokenizer: ``decode`` codes int [B, h, w] -> uint8 [B, H, W, 3],
-    ``encode`` the reverse (for caching an SFT set's codes); ``save_pretrained`` writes the VQ-VAE (the token cache
-    fingerprints it)."""
+class JanusImageDecoder(CheckpointVQTokenizer):
+    """The checkpoint's ``JanusVQVAE`` as an image tokenizer (codes are a flat [B, h * w] to it)."""
 
-    def __init__(self, vqmodel, layout: TokenLayout):
-        self.vqmodel = vqmodel
-        self.codebook_size = layout.codebook_size
-        self.grid = layout.grid
-        self.image_size = layout.image_size
-        self.path = None
+    def _encode(self, pixels):
+        return self.vqmodel.encode(pixels).image_tokens
 
-    @torch.no_grad()
-    def encode(self, images) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> codes int64 [B, h, w] (pixels scaled to [-1, 1], the image processor's input)."""
-        x = torch.as_tensor(images)
-        dev = next(self.vqmodel.parameters()).device
-        x = x.to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        codes = self.vqmodel.encode(x.to(next(self.vqmodel.parameters()).dtype)).image_tokens
-        return codes.reshape(x.shape[0], *self.grid).cpu()
-
-    def save_pretrained(self, path) -> None:
-        self.vqmodel.save_pretrained(str(path))
-
-    @torch.no_grad()
-    def decode(self, codes) -> torch.Tensor:
-        codes = torch.as_tensor(codes).long()
-        dev = next(self.vqmodel.parameters()).device
-        pixels = self.vqmodel.decode(codes.flatten(1).to(dev))  # [B, 3, H, W] in [-1, 1]
-        # the image processor's postprocess: x * 0.5 + 0.5 (its mean and std are 0.5), scaled to 0..255
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    def _decode(self, codes):
+        return self.vqmodel.decode(codes.flatten(1))
 
 
 def janus_layout(config, tokenizer) -> TokenLayout:
